@@ -1,0 +1,153 @@
+"""Evaluation of einsum networks with opt_einsum and cached contraction paths.
+
+The contraction path of a network is computed once per ``(equation, shapes,
+optimiser)`` and cached. The optimiser is a setting: :func:`set_optimizer` changes
+the default, :func:`optimizer` changes it inside a ``with`` block.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Iterator, Sequence
+
+import opt_einsum
+from torch import Tensor, einsum
+
+#: Path optimisers accepted by :func:`set_optimizer`.
+OPTIMIZERS = ("dp", "auto", "auto-hq", "greedy", "optimal", "branch-2")
+
+_DEFAULT = {"optimize": "dp"}
+
+
+def get_optimizer() -> str:
+    """Return the default path optimiser.
+
+    Returns:
+        The name of the default opt_einsum path optimiser.
+    """
+    return _DEFAULT["optimize"]
+
+
+def set_optimizer(name: str):
+    """Set the default opt_einsum path optimiser.
+
+    ``'dp'`` (dynamic programming, minimising FLOPs) is the default: on strided
+    convolutions opt_einsum's ``'auto'`` can pick paths with twice the FLOPs.
+
+    Args:
+        name: One of ``OPTIMIZERS``.
+
+    Raises:
+        ValueError: If ``name`` is not a supported optimiser.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unsupported optimize {name!r}. Supported: {OPTIMIZERS}.")
+    _DEFAULT["optimize"] = name
+
+
+@contextmanager
+def optimizer(name: str) -> Iterator[None]:
+    """Use another default path optimiser inside a ``with`` block.
+
+    Args:
+        name: One of ``OPTIMIZERS``.
+
+    Yields:
+        Nothing.
+    """
+    old = get_optimizer()
+    set_optimizer(name)
+    try:
+        yield
+    finally:
+        set_optimizer(old)
+
+
+def equation_from_legs(
+    legs: Sequence[Sequence[str]], output: Sequence[str]
+) -> str:
+    """Translate named legs into an einsum equation.
+
+    Leg names are mapped to ``a-z``, ``A-Z`` and then further symbols in order of
+    first appearance, e.g. ``[("n", "c_in"), ("c_in",)] -> ("n",)`` gives
+    ``"ab,b->a"``.
+
+    Args:
+        legs: Leg names of each operand.
+        output: Leg names of the result.
+
+    Returns:
+        The einsum equation.
+    """
+    letters: dict[str, str] = {}
+    for name in [leg for op in legs for leg in op] + list(output):
+        if name not in letters:
+            letters[name] = opt_einsum.get_symbol(len(letters))
+    inputs = ",".join("".join(letters[leg] for leg in op) for op in legs)
+    return f"{inputs}->{''.join(letters[leg] for leg in output)}"
+
+
+@lru_cache(maxsize=1024)
+def _expression(equation: str, shapes: tuple[tuple[int, ...], ...], optimize: str):
+    return opt_einsum.contract_expression(equation, *shapes, optimize=optimize)
+
+
+@lru_cache(maxsize=1024)
+def _path_info(equation: str, shapes: tuple[tuple[int, ...], ...], optimize: str):
+    return opt_einsum.contract_path(
+        equation, *shapes, shapes=True, optimize=optimize
+    )[1]
+
+
+def path_info(
+    legs: Sequence[Sequence[str]],
+    output: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    optimize: str | None = None,
+) -> opt_einsum.contract.PathInfo:
+    """Contraction path information of a network without evaluating it.
+
+    Args:
+        legs: Leg names of each operand.
+        output: Leg names of the result.
+        shapes: Shape of each operand.
+        optimize: Path optimiser; ``None`` uses the default.
+
+    Returns:
+        opt_einsum's path information (FLOPs, largest intermediate, path).
+    """
+    equation = equation_from_legs(legs, output)
+    key = tuple(tuple(int(s) for s in shape) for shape in shapes)
+    return _path_info(equation, key, optimize or get_optimizer())
+
+
+def contract(
+    legs: Sequence[Sequence[str]],
+    output: Sequence[str],
+    operands: Sequence[Tensor],
+    optimize: str | None = None,
+) -> Tensor:
+    """Contract tensors with named legs.
+
+    Args:
+        legs: Leg names of each operand.
+        output: Leg names of the result.
+        operands: Tensors; operand ``j`` has one dimension per name in ``legs[j]``.
+        optimize: Path optimiser; ``None`` uses the default.
+
+    Returns:
+        The contraction, with one dimension per name in ``output``.
+    """
+    equation = equation_from_legs(legs, output)
+    if len(operands) == 1:
+        return einsum(equation, operands[0])
+    shapes = tuple(tuple(op.shape) for op in operands)
+    expression = _expression(equation, shapes, optimize or get_optimizer())
+    return expression(*operands, backend="torch")
+
+
+def clear_caches():
+    """Drop all cached contraction expressions and paths."""
+    _expression.cache_clear()
+    _path_info.cache_clear()

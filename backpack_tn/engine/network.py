@@ -1,0 +1,330 @@
+"""Symbolic tensor networks with index-pattern operands.
+
+A :class:`TensorNetwork` holds dense operands (tensors) and symbolic index patterns
+(:class:`~backpack_tn.engine.index_pattern.IndexPattern`), each with named legs, and
+the names of the output legs. It is simplified by rewiring patterns into strided
+views of the operand they act on (input side) or into a scatter-add of the result
+(output side), and evaluated with opt_einsum along a cached contraction path.
+
+Simplification is exact: the simplified network computes the same tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from backpack_tn.engine.contract import contract, equation_from_legs, path_info
+from backpack_tn.engine.index_pattern import IndexPattern
+
+Operand = Union[Tensor, IndexPattern]
+
+
+@dataclass
+class TensorNetwork:
+    """A tensor network whose operands are tensors or index patterns.
+
+    Attributes:
+        operands: Tensors and index patterns.
+        legs: Leg names of every operand. A pattern's legs are ``(k, o, i)``.
+        output: Leg names of the result, in order.
+        finalizers: Functions applied to the contraction result, in order. They
+            are added by output-side simplifications.
+    """
+
+    operands: list[Operand]
+    legs: list[tuple[str, ...]]
+    output: tuple[str, ...]
+    finalizers: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
+    einsum_output: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        """Check that operands and legs match.
+
+        Raises:
+            ValueError: If the number of legs of an operand does not match its order,
+                or an output leg belongs to no operand.
+        """
+        if len(self.operands) != len(self.legs):
+            raise ValueError(
+                f"Got {len(self.operands)} operands but {len(self.legs)} leg tuples."
+            )
+        for operand, legs in zip(self.operands, self.legs):
+            order = 3 if isinstance(operand, IndexPattern) else operand.dim()
+            if order != len(legs):
+                raise ValueError(
+                    f"Operand of order {order} was given {len(legs)} legs {legs}."
+                )
+        known = {leg for legs in self.legs for leg in legs}
+        missing = [leg for leg in self._einsum_output if leg not in known]
+        if missing:
+            raise ValueError(f"Output legs {missing} belong to no operand.")
+
+    @property
+    def patterns(self) -> list[IndexPattern]:
+        """The index patterns that are still symbolic."""
+        return [op for op in self.operands if isinstance(op, IndexPattern)]
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """The dense operands."""
+        return [op for op in self.operands if isinstance(op, Tensor)]
+
+    def _reference_tensor(self) -> Tensor:
+        tensors = self.tensors
+        if not tensors:
+            raise ValueError("A tensor network needs at least one dense operand.")
+        return tensors[0]
+
+    def materialized(self) -> tuple[list[Tensor], list[tuple[str, ...]]]:
+        """Operands with all remaining patterns as dense tensors.
+
+        Returns:
+            The dense operands and their legs.
+        """
+        ref = self._reference_tensor()
+        operands = [
+            op.dense(ref.device, ref.dtype) if isinstance(op, IndexPattern) else op
+            for op in self.operands
+        ]
+        return operands, list(self.legs)
+
+    def einsum_expression(self) -> tuple[str, list[Tensor]]:
+        """The network as an einsum equation and dense operands.
+
+        Returns:
+            Equation (letters ``a-zA-Z``, then other symbols) and operands.
+
+        Raises:
+            ValueError: If output-side simplifications were applied; their
+                scatter-add has no einsum form.
+        """
+        if self.finalizers:
+            raise ValueError(
+                "The network has output-side simplifications and is not a single"
+                " einsum; call contract() instead."
+            )
+        operands, legs = self.materialized()
+        return equation_from_legs(legs, self.output), operands
+
+    def simplify(
+        self, lower_all: bool = False, output_side: bool = True
+    ) -> TensorNetwork:
+        """Rewire index patterns into views and scatters where this is exact.
+
+        Patterns that never duplicate an entry (dense ``K = S``, down-sampling
+        ``S > K``, ``1x1``) are always rewired: on the input side into a zero-copy
+        strided view of the operand, on the output side into a scatter-add of the
+        result. Padding becomes an explicit pad (or, for non-zero modes, a gather)
+        of the operand. With ``lower_all``, every other pattern is lowered too,
+        which trades the dense pattern's ``K·O·I`` multiply for an ``im2col``-like
+        copy of size ``K·O``.
+
+        Args:
+            lower_all: Also lower overlapping patterns.
+            output_side: Also rewire patterns acting on the result. The network is
+                then no longer a single einsum (see ``einsum_expression``).
+
+        Returns:
+            A new, equivalent network.
+        """
+        net = TensorNetwork(
+            list(self.operands),
+            list(self.legs),
+            self.output,
+            list(self.finalizers),
+            self.einsum_output,
+        )
+        for pos in reversed(range(len(net.operands))):
+            pattern = net.operands[pos]
+            if not isinstance(pattern, IndexPattern):
+                continue
+            if not (lower_all or pattern.is_non_overlapping):
+                continue
+            k, o, i = net.legs[pos]
+            holders = [
+                j
+                for j, legs in enumerate(net.legs)
+                if j != pos and i in legs and isinstance(net.operands[j], Tensor)
+            ]
+            if len(holders) == 1 and i not in net.output:
+                _lower_input_side(net, pos, holders[0])
+            elif output_side and not holders and i in net.output:
+                _lower_output_side(net, pos)
+        return net
+
+    def contract(self, optimize: str | None = None) -> Tensor:
+        """Evaluate the network.
+
+        Args:
+            optimize: opt_einsum path optimiser. ``None`` uses the current default
+                (see :func:`backpack_tn.engine.contract.set_optimizer`).
+
+        Returns:
+            The contraction result, with legs ordered as ``output``.
+        """
+        operands, legs = self.materialized()
+        result = contract(legs, self._einsum_output, operands, optimize=optimize)
+        for finalize in self.finalizers:
+            result = finalize(result)
+        return result
+
+    @property
+    def _einsum_output(self) -> tuple[str, ...]:
+        """Output legs of the einsum before the finalizers run."""
+        return self.output if self.einsum_output is None else self.einsum_output
+
+
+def _lower_input_side(net: TensorNetwork, pos: int, holder: int):
+    """Replace pattern ``pos`` by a strided view of operand ``holder`` (in place).
+
+    Args:
+        net: The network to modify.
+        pos: Position of the pattern.
+        holder: Position of the only dense operand carrying the pattern's ``i`` leg.
+    """
+    pattern: IndexPattern = net.operands[pos]
+    k, o, i = net.legs[pos]
+    tensor, legs = net.operands[holder], list(net.legs[holder])
+    dim = legs.index(i)
+    tensor = pad(tensor, dim, pattern)
+    span = pattern.dilation * (pattern.kernel_size - 1) + 1
+    tensor = tensor.unfold(dim, span, pattern.stride)
+    if pattern.dilation > 1:
+        tensor = tensor[..., :: pattern.dilation]
+    legs[dim] = o
+    legs.append(k)
+    net.operands[holder], net.legs[holder] = tensor, tuple(legs)
+    del net.operands[pos], net.legs[pos]
+
+
+def _lower_output_side(net: TensorNetwork, pos: int):
+    """Replace output-side pattern ``pos`` by a scatter-add of the result (in place).
+
+    The einsum then produces the legs ``(k, o)`` in place of ``i``; a finalizer
+    adds every ``(k, o)`` entry to the input position it reads.
+
+    Args:
+        net: The network to modify.
+        pos: Position of the pattern.
+    """
+    pattern: IndexPattern = net.operands[pos]
+    k, o, i = net.legs[pos]
+    einsum_output = list(net._einsum_output)
+    dim = einsum_output.index(i)
+    einsum_output[dim : dim + 1] = [k, o]
+    net.einsum_output = tuple(einsum_output)
+    net.finalizers.insert(0, _scatter_finalizer(pattern, dim))
+    del net.operands[pos], net.legs[pos]
+
+
+def _scatter_finalizer(pattern: IndexPattern, dim: int) -> Callable[[Tensor], Tensor]:
+    """Build the adjoint of reading through ``pattern`` along ``dim``.
+
+    Args:
+        pattern: The index pattern.
+        dim: Position of the ``k`` leg; the ``o`` leg follows it.
+
+    Returns:
+        A function mapping a tensor ``[..., K, O, ...]`` to ``[..., I, ...]``.
+    """
+
+    def finalize(result: Tensor) -> Tensor:
+        return scatter_add(result.flatten(dim, dim + 1), dim, pattern)
+
+    return finalize
+
+
+def pad(tensor: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
+    """Pad ``tensor`` along ``dim`` as the pattern does.
+
+    Args:
+        tensor: Tensor of shape ``[..., I, ...]``.
+        dim: Dimension to pad.
+        pattern: Index pattern whose padding (amount and mode) is applied.
+
+    Returns:
+        The tensor itself if no padding is needed, else the padded tensor of shape
+        ``[..., P_left + I + P_right, ...]``.
+    """
+    if pattern.is_unpadded:
+        return tensor
+    if pattern.padding_mode == "zeros":
+        left, right = pattern.padding
+        shape = list(tensor.shape)
+        pieces = []
+        for amount in (left, None, right):
+            if amount is None:
+                pieces.append(tensor)
+            elif amount:
+                shape[dim] = amount
+                pieces.append(tensor.new_zeros(shape))
+        return torch.cat(pieces, dim=dim)
+    return tensor.index_select(dim, pattern.padding_map().to(tensor.device))
+
+
+def scatter_add(flat: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
+    """Adjoint of reading through a pattern, with ``(k, o)`` flattened.
+
+    Args:
+        flat: Tensor of shape ``[..., K * O, ...]``.
+        dim: Dimension holding the flattened ``(k, o)`` pairs.
+        pattern: Index pattern.
+
+    Returns:
+        Tensor of shape ``[..., I, ...]`` that sums every entry into the input
+        position it was read from (reads of zero padding are dropped).
+    """
+    size = pattern.input_size
+    index = pattern.index_map().flatten()
+    index = torch.where(index >= 0, index, size).to(flat.device)
+    shape = list(flat.shape)
+    shape[dim] = size + 1
+    out = flat.new_zeros(shape)
+    out.index_add_(dim, index, flat)
+    return out.narrow(dim, 0, size)
+
+
+def leg_sizes(net: TensorNetwork) -> dict[str, int]:
+    """Size of every leg in the network.
+
+    Args:
+        net: A tensor network.
+
+    Returns:
+        Mapping from leg name to dimension.
+
+    Raises:
+        ValueError: If a leg has inconsistent sizes.
+    """
+    sizes: dict[str, int] = {}
+    for operand, legs in zip(net.operands, net.legs):
+        if isinstance(operand, IndexPattern):
+            shape = (operand.kernel_size, operand.output_size, operand.input_size)
+        else:
+            shape = tuple(operand.shape)
+        for leg, size in zip(legs, shape):
+            if sizes.setdefault(leg, size) != size:
+                raise ValueError(
+                    f"Leg {leg!r} has inconsistent sizes {sizes[leg]} and {size}."
+                )
+    return sizes
+
+
+def flops(net: TensorNetwork, optimize: str | None = None) -> int:
+    """Estimated FLOPs of contracting the network along its path.
+
+    Args:
+        net: A tensor network.
+        optimize: opt_einsum path optimiser.
+
+    Returns:
+        opt_einsum's FLOP estimate (includes the finalizers' size, not their cost).
+    """
+    sizes = leg_sizes(net)
+    shapes = [tuple(sizes[leg] for leg in legs) for legs in net.legs]
+    info = path_info(net.legs, net._einsum_output, shapes, optimize)
+    return int(info.opt_cost)
