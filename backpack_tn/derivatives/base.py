@@ -1,0 +1,346 @@
+"""Tensor-network products shared by all TN derivative classes.
+
+:class:`TNDerivativesMixin` overrides every product BackPACK calls for a layer
+(``_jac_mat_prod``, ``_jac_t_mat_prod``, ``_weight_jac_mat_prod``,
+``_weight_jac_t_mat_prod``, ``_bias_jac_mat_prod``, ``_bias_jac_t_mat_prod``,
+``ea_jac_t_mat_jac_prod``, ``get_unfolded_input``) and adds the quantities that
+BackPACK's module extensions compute from unfolded inputs (GGN diagonals,
+per-sample gradient norms, Kronecker input factors). Each product is looked up in
+:data:`~backpack_tn.derivatives.implementations.IMPLEMENTATIONS` and evaluated as
+the derivative's ``strategy`` says (see :mod:`backpack_tn.derivatives.choice`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from backpack.utils.subsampling import subsample
+from torch import Tensor
+from torch.nn import Module
+
+from backpack_tn._checks import check_hooked, check_like_weight
+from backpack_tn.derivatives.choice import check_strategy, choose
+from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
+from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
+
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+
+class TNDerivativesMixin:
+    """Tensor-network Jacobian products; mixed into BackPACK's derivative classes.
+
+    Args:
+        strategy: How to evaluate the products, one of
+            :data:`~backpack_tn.derivatives.choice.STRATEGIES`. ``'auto'``
+            (default) picks per layer and product.
+    """
+
+    def __init__(self, strategy: str = "auto"):
+        """Store the strategy (BackPACK's base class takes no arguments here).
+
+        Args:
+            strategy: Evaluation strategy.
+        """
+        check_strategy(strategy, type(self).__name__)
+        super().__init__()
+        self.strategy = strategy
+
+    # dispatch
+
+    def _run(self, op: str, module: Module, spec: LayerSpec, **tensors) -> Tensor:
+        for name, value in tensors.items():
+            if isinstance(value, Tensor):
+                check_like_weight(module, name, value)
+        key, _ = choose(op, module, spec, self.strategy, tensors)
+        return IMPLEMENTATIONS[op][key](module, spec, key, **tensors)
+
+    def explain(self, op: str, module: Module, **tensors) -> tuple[str, str]:
+        """Which evaluation ``op`` gets for this layer, and why.
+
+        Args:
+            op: A product name, e.g. ``'weight_jac_t_mat_prod'``.
+            module: A layer with ``input0`` and ``output`` set.
+            **tensors: The product's tensor arguments, as ``_run`` receives them.
+
+        Returns:
+            The evaluation's name and a one-sentence reason.
+        """
+        return choose(op, module, self._spec(module), self.strategy, tensors)
+
+    @staticmethod
+    def _spec(module: Module) -> LayerSpec:
+        check_hooked(module)
+        return spec_of(module)
+
+    # products BackPACK calls
+
+    def _jac_mat_prod(
+        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+    ) -> Tensor:
+        """Apply the input Jacobian.
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Input perturbations of shape ``[V, N, *input_shape[1:]]``.
+
+        Returns:
+            Result of shape ``[V, N, *output_shape[1:]]``.
+        """
+        return self._run("jac_mat_prod", module, self._spec(module), mat=mat)
+
+    def _jac_t_mat_prod(
+        self,
+        module: Module,
+        g_inp: Tuple[Tensor],
+        g_out: Tuple[Tensor],
+        mat: Tensor,
+        subsampling: List[int] = None,
+    ) -> Tensor:
+        """Apply the transposed input Jacobian.
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Output vectors of shape ``[V, N, *output_shape[1:]]``; ``N`` is
+                ``len(subsampling)`` when sub-sampling.
+            subsampling: Indices of the active samples.
+
+        Returns:
+            Result of shape ``[V, N, *input_shape[1:]]``.
+        """
+        return self._run("jac_t_mat_prod", module, self._spec(module), mat=mat)
+
+    def _weight_jac_mat_prod(
+        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+    ) -> Tensor:
+        """Apply the weight Jacobian.
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Weight perturbations of shape ``[V, *weight.shape]``.
+
+        Returns:
+            Result of shape ``[V, N, *output_shape[1:]]``.
+        """
+        return self._run(
+            "weight_jac_mat_prod", module, self._spec(module), x=module.input0, mat=mat
+        )
+
+    def _weight_jac_t_mat_prod(
+        self,
+        module: Module,
+        g_inp: Tuple[Tensor],
+        g_out: Tuple[Tensor],
+        mat: Tensor,
+        sum_batch: bool = True,
+        subsampling: List[int] = None,
+    ) -> Tensor:
+        """Apply the transposed weight Jacobian.
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Output vectors of shape ``[V, N, *output_shape[1:]]``; ``N`` is
+                ``len(subsampling)`` when sub-sampling.
+            sum_batch: Sum over the batch.
+            subsampling: Indices of the active samples.
+
+        Returns:
+            Result of shape ``[V, *weight.shape]`` or, without ``sum_batch``,
+            ``[V, N, *weight.shape]``.
+        """
+        return self._run(
+            "weight_jac_t_mat_prod",
+            module,
+            self._spec(module),
+            x=subsample(module.input0, subsampling=subsampling),
+            mat=mat,
+            sum_batch=sum_batch,
+        )
+
+    def _bias_jac_mat_prod(
+        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+    ) -> Tensor:
+        """Apply the bias Jacobian (a broadcast over batch and positions).
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Bias perturbations of shape ``[V, C_out]``.
+
+        Returns:
+            Result of shape ``[V, N, *output_shape[1:]]``.
+        """
+        spec = self._spec(module)
+        check_like_weight(module, "mat", mat)
+        shape = (mat.shape[0], *spec.output_shape())
+        if spec.kind == "linear":
+            view = mat.reshape(mat.shape[0], *[1] * (len(shape) - 2), mat.shape[1])
+        else:
+            view = mat.reshape(*mat.shape, *[1] * (len(shape) - 2))
+            view = view.unsqueeze(1)
+        return view.expand(shape)
+
+    def _bias_jac_t_mat_prod(
+        self,
+        module: Module,
+        g_inp: Tuple[Tensor],
+        g_out: Tuple[Tensor],
+        mat: Tensor,
+        sum_batch: bool = True,
+        subsampling: List[int] = None,
+    ) -> Tensor:
+        """Apply the transposed bias Jacobian (a sum over positions and batch).
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Output vectors of shape ``[V, N, *output_shape[1:]]``.
+            sum_batch: Sum over the batch.
+            subsampling: Indices of the active samples (``mat`` is already
+                sub-sampled).
+
+        Returns:
+            Result of shape ``[V, C_out]`` or ``[V, N, C_out]``.
+        """
+        spec = self._spec(module)
+        check_like_weight(module, "mat", mat)
+        dims = list(range(2, mat.dim()))
+        if spec.kind == "linear":
+            dims = list(range(2, mat.dim() - 1))
+        if sum_batch:
+            dims.insert(0, 1)
+        return mat.sum(dims) if dims else mat
+
+    def ea_jac_t_mat_jac_prod(
+        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+    ) -> Tensor:
+        """Sandwich a matrix with the per-sample input-output Jacobian (KFRA).
+
+        Args:
+            module: The layer.
+            g_inp: Unused.
+            g_out: Unused.
+            mat: Matrix of shape ``[F_out, F_out]`` with
+                ``F_out = prod(output_shape[1:])``.
+
+        Returns:
+            ``J^T mat J`` of shape ``[F_in, F_in]`` with ``F_in = prod(input_shape[1:])``.
+        """
+        spec = self._spec(module)
+        out_shape = spec.output_shape(1)[1:]
+        jac_t = self._run(
+            "jac_t_mat_prod", module, spec, mat=mat.reshape(mat.shape[0], 1, *out_shape)
+        ).flatten(1)
+        in_features = jac_t.shape[1]
+        result = self._run(
+            "jac_t_mat_prod",
+            module,
+            spec,
+            mat=jac_t.t().reshape(in_features, 1, *out_shape),
+        ).reshape(in_features, in_features)
+        return result.t()
+
+    def get_unfolded_input(self, module: Module) -> Tensor:
+        """Unfold the layer input (im2col), as BackPACK's ``unfold_input`` does.
+
+        Args:
+            module: A convolution layer.
+
+        Returns:
+            Unfolded input of shape ``[N, C_in * prod(K), prod(O)]``.
+        """
+        return self._run("unfold_input", module, self._spec(module), x=module.input0)
+
+    # quantities BackPACK's module extensions compute from unfolded inputs
+
+    def weight_diag_ggn(
+        self, module: Module, mat: Tensor, sum_batch: bool = True,
+        subsampling: List[int] = None,
+    ) -> Tensor:
+        """Weight GGN diagonal from a square root: ``Σ_v Σ_n (J_W^T mat)²``.
+
+        Args:
+            module: The layer.
+            mat: Square root of the output GGN, shape ``[V, N, *output_shape[1:]]``.
+            sum_batch: Sum over the batch.
+            subsampling: Indices of the active samples.
+
+        Returns:
+            Result of shape ``[*weight.shape]`` or ``[N, *weight.shape]``.
+        """
+        return self._run(
+            "weight_diag_ggn",
+            module,
+            self._spec(module),
+            x=subsample(module.input0, subsampling=subsampling),
+            mat=mat,
+            sum_batch=sum_batch,
+        )
+
+    def weight_batch_l2(self, module: Module, grad_output: Tensor) -> Tensor:
+        """Squared L2 norm of every sample's weight gradient.
+
+        Args:
+            module: The layer.
+            grad_output: Gradient w.r.t. the layer output, shape
+                ``[N, *output_shape[1:]]``.
+
+        Returns:
+            Norms of shape ``[N]``.
+        """
+        return self._run(
+            "weight_batch_l2",
+            module,
+            self._spec(module),
+            x=module.input0,
+            mat=grad_output.unsqueeze(0),
+        )
+
+    def kfac_input_factor(self, module: Module, approx: str = "expand") -> Tensor:
+        """Input-side Kronecker factor of KFAC.
+
+        Args:
+            module: The layer.
+            approx: ``'expand'`` (every position counts as a sample, KFC) or
+                ``'reduce'`` (positions are averaged first).
+
+        Returns:
+            Factor of shape ``[G, C_in // G * prod(K), C_in // G * prod(K)]``;
+            block ``g`` belongs to the weight rows of group ``g``.
+
+        Raises:
+            ValueError: If ``approx`` is unknown.
+        """
+        if approx not in KFAC_APPROXIMATIONS:
+            raise ValueError(
+                f"Unknown KFAC approximation {approx!r}."
+                f" Supported: {KFAC_APPROXIMATIONS}."
+            )
+        return self._run(f"kfac_{approx}", module, self._spec(module), x=module.input0)
+
+    def forward(self, module: Module, x: Tensor) -> Tensor:
+        """Evaluate the layer (with bias) through its tensor network.
+
+        Args:
+            module: The layer.
+            x: Input of shape ``[N, *input_shape[1:]]``.
+
+        Returns:
+            Output of shape ``[N, *output_shape[1:]]``.
+        """
+        spec = LayerSpec.from_module(module, x.shape)
+        out = self._run("jac_mat_prod", module, spec, mat=x.unsqueeze(0))[0]
+        if module.bias is None:
+            return out
+        shape = [1] * out.dim()
+        shape[-1 if spec.kind == "linear" else 1] = -1
+        return out + module.bias.reshape(shape)

@@ -1,0 +1,237 @@
+"""Which evaluation each (op, layer, strategy) gets, and why.
+
+``auto`` picks per layer configuration and op by a cost model:
+
+- Products that are plain (transposed) convolutions (input JVP/VJP, weight JVP)
+  use PyTorch's convolution kernels; for Linear the network is a single GEMM.
+- Weight VJPs use the simplified network when every index pattern is
+  non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
+  a strided view and one batched GEMM. Otherwise convolution kernels batched by
+  ``vmap`` (per-sample gradients as in ``vmap(grad)``) win over a dense pattern.
+- Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
+  single network that never forms per-sample VJPs against squaring them.
+- Kronecker input factors compare the FLOPs of the simplified network (dense
+  patterns) and the lowered one (strided views, unfold + GEMM for KFAC-expand).
+
+With :func:`set_autotune`, ``auto`` instead times every candidate once per
+configuration and keeps the fastest (like cuDNN's benchmark mode).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from backpack_tn.derivatives.implementations import (
+    IMPLEMENTATIONS,
+    SQUARE,
+    STOCK_WEIGHT_VJP,
+    TN_STRATEGIES,
+    check_stock_strategy,
+    prepare,
+)
+from backpack_tn.engine.network import flops
+from backpack_tn.expressions import (
+    kfac_expand,
+    kfac_reduce,
+    weight_batch_l2,
+    weight_diag_ggn,
+    weight_jac_t_mat_prod,
+)
+from backpack_tn.expressions.layer_spec import LayerSpec
+
+#: Strategies a derivative class accepts.
+STRATEGIES = ("auto", *TN_STRATEGIES, "kernel", *STOCK_WEIGHT_VJP)
+
+_AUTOTUNE = {"enabled": False}
+_TUNED: dict[tuple, str] = {}
+
+
+def set_autotune(enabled: bool):
+    """Let ``auto`` time the candidates once per configuration instead of guessing.
+
+    Args:
+        enabled: Whether to measure. Measurements are cached per
+            ``(op, layer configuration, tensor shapes, device, dtype)``.
+    """
+    _AUTOTUNE["enabled"] = bool(enabled)
+    _TUNED.clear()
+
+
+def check_strategy(strategy: str, owner: str):
+    """Raise if ``strategy`` is unknown.
+
+    Args:
+        strategy: Strategy name.
+        owner: Name of the class that received it.
+
+    Raises:
+        ValueError: If the strategy is not in ``STRATEGIES``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"{owner} got unknown strategy {strategy!r}. Supported: {STRATEGIES}."
+        )
+
+
+def choose(
+    op: str, module: Module, spec: LayerSpec, strategy: str, tensors: dict
+) -> tuple[str, str]:
+    """Pick the evaluation of ``op`` for a layer.
+
+    Args:
+        op: Key of ``IMPLEMENTATIONS``.
+        module: The layer.
+        spec: Its description.
+        strategy: The derivative's strategy.
+        tensors: The op's tensor arguments (shapes drive the cost model).
+
+    Returns:
+        The implementation key and a one-sentence reason.
+    """
+    candidates = IMPLEMENTATIONS[op]
+    if strategy in STOCK_WEIGHT_VJP:
+        check_stock_strategy(module, spec, strategy)
+    if strategy != "auto":
+        if strategy in candidates:
+            if op in _SQUARED:
+                return _cheaper_squared(op, spec, strategy, tensors)
+            return strategy, f"strategy {strategy!r} was requested"
+        if f"{strategy}{SQUARE}" in candidates:
+            return f"{strategy}{SQUARE}", (
+                f"strategy {strategy!r} squares its per-sample weight VJPs"
+            )
+        key, reason = choose(op, module, spec, "auto", tensors)
+        return key, f"{reason} (strategy {strategy!r} does not cover {op})"
+    if _AUTOTUNE["enabled"]:
+        return _autotuned(op, module, spec, tensors)
+    return _RULES[op](spec, tensors)
+
+
+def _non_overlapping(spec: LayerSpec) -> bool:
+    return all(p.is_non_overlapping for p in spec.patterns)
+
+
+def _kernel_or_tn(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+    if spec.kind == "linear":
+        return "tn", "a Linear layer's network is a single GEMM"
+    return "kernel", "the product is a (transposed) convolution: use its kernel"
+
+
+def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+    if spec.kind == "linear":
+        return "tn", "a Linear layer's network is a single GEMM"
+    if _non_overlapping(spec):
+        return "tn", "all index patterns are non-overlapping: a view and one GEMM"
+    return "kernel", "overlapping patterns: vmap-batched convolution kernels"
+
+
+_SQUARED = {
+    "weight_diag_ggn": lambda spec, t: weight_diag_ggn.tensor_network(
+        spec, t["x"], t["mat"], t["sum_batch"]
+    ),
+    "weight_batch_l2": lambda spec, t: weight_batch_l2.tensor_network(
+        spec, t["x"], t["mat"]
+    ),
+}
+
+
+def _cheaper_squared(
+    op: str, spec: LayerSpec, strategy: str, tensors: dict
+) -> tuple[str, str]:
+    """Single squared network or squared per-sample VJPs, by FLOPs."""
+    net, _ = _SQUARED[op](spec, tensors)
+    vjp, _ = weight_jac_t_mat_prod.tensor_network(
+        spec, tensors["x"], tensors["mat"], False
+    )
+    single, via_vjp = flops(prepare(net, strategy)), flops(prepare(vjp, strategy))
+    if single < via_vjp:
+        return strategy, (
+            f"one network without per-sample VJPs ({single:.2e} FLOPs) is cheaper"
+            f" than forming them ({via_vjp:.2e} FLOPs)"
+        )
+    return f"{strategy}{SQUARE}", (
+        f"forming per-sample VJPs ({via_vjp:.2e} FLOPs) is cheaper than one"
+        f" network without them ({single:.2e} FLOPs)"
+    )
+
+
+def _squared_rule(op: str) -> Callable:
+    def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+        vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
+        if vjp_key != "tn":
+            key, reason = _cheaper_squared(op, spec, "tn", tensors)
+            if key == f"tn{SQUARE}":
+                return f"{vjp_key}{SQUARE}", f"{reason}; VJPs: {vjp_reason}"
+            return key, reason
+        return _cheaper_squared(op, spec, "tn", tensors)
+
+    return rule
+
+
+def _kfac_rule(expression) -> Callable:
+    def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+        if spec.kind == "linear" or _non_overlapping(spec):
+            return "tn", "non-overlapping patterns become views"
+        net, _ = expression.tensor_network(spec, tensors["x"])
+        dense, lowered = flops(prepare(net, "tn")), flops(prepare(net, "tn_lowered"))
+        if lowered <= dense:
+            return "tn_lowered", (
+                f"strided views ({lowered:.2e} FLOPs) beat dense patterns"
+                f" ({dense:.2e} FLOPs)"
+            )
+        return "tn", (
+            f"dense patterns ({dense:.2e} FLOPs) beat strided views"
+            f" ({lowered:.2e} FLOPs)"
+        )
+
+    return rule
+
+
+_RULES: dict[str, Callable] = {
+    "jac_mat_prod": _kernel_or_tn,
+    "jac_t_mat_prod": _kernel_or_tn,
+    "weight_jac_mat_prod": _kernel_or_tn,
+    "weight_jac_t_mat_prod": _weight_vjp_rule,
+    "weight_diag_ggn": _squared_rule("weight_diag_ggn"),
+    "weight_batch_l2": _squared_rule("weight_batch_l2"),
+    "unfold_input": lambda spec, t: ("tn_lowered", "unfolding is a strided view"),
+    "kfac_expand": _kfac_rule(kfac_expand),
+    "kfac_reduce": _kfac_rule(kfac_reduce),
+}
+
+
+def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
+    shapes = tuple(
+        (k, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else (k, v)
+        for k, v in sorted(tensors.items())
+    )
+    key = (op, spec, shapes)
+    if key not in _TUNED:
+        timings = {}
+        for name, fn in IMPLEMENTATIONS[op].items():
+            if name.removesuffix(SQUARE) in STOCK_WEIGHT_VJP:
+                continue
+            timings[name] = _time(fn, module, spec, name, tensors)
+        _TUNED[key] = min(timings, key=timings.get)
+    return _TUNED[key], "fastest candidate measured for this configuration"
+
+
+def _time(fn, module, spec, name, tensors) -> float:
+    def run():
+        with torch.no_grad():
+            fn(module, spec, name, **tensors)
+        if tensors["x" if "x" in tensors else "mat"].is_cuda:
+            torch.cuda.synchronize()
+
+    run()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -1,0 +1,314 @@
+"""Evaluations of every layer product, one registry entry per (op, strategy).
+
+Strategies:
+
+- ``tn``: the simplified tensor network (structured patterns become views).
+- ``tn_unsimplified``: the raw network with dense index patterns.
+- ``tn_lowered``: every pattern lowered into a strided view (im2col-like) or a
+  scatter-add; no dense pattern is materialised.
+- ``kernel``: PyTorch's convolution kernels through the layer's own forward
+  function, batched with ``torch.func.vmap`` (per-sample gradients as in
+  ``vmap(grad)``); correct for every padding mode since the layer's forward is used.
+- ``same_conv`` / ``higher_conv``: stock BackPACK's two convolution-based weight
+  VJPs, kept for comparison (Conv1d/2d/3d and Conv1d/2d only, zero padding).
+
+Every evaluation takes ``(module, spec, **tensors)`` and returns a tensor in
+BackPACK's layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.conv3d import Conv3DDerivatives
+from backpack.core.derivatives.convnd import weight_jac_t_save_memory
+from torch.nn import Module, functional
+
+from backpack_tn.engine.network import TensorNetwork
+from backpack_tn.expressions import (
+    jac_mat_prod,
+    jac_t_mat_prod,
+    kfac_expand,
+    kfac_reduce,
+    unfold_input,
+    weight_batch_l2,
+    weight_diag_ggn,
+    weight_jac_mat_prod,
+    weight_jac_t_mat_prod,
+)
+from backpack_tn.expressions.layer_spec import LayerSpec
+
+TN_STRATEGIES = ("tn", "tn_unsimplified", "tn_lowered")
+
+#: Suffix of evaluations that square another strategy's per-sample weight VJPs.
+SQUARE = "+square"
+
+
+def evaluate(net: TensorNetwork, shape: tuple[int, ...], strategy: str) -> Tensor:
+    """Evaluate a network as the TN strategy says.
+
+    Args:
+        net: The tensor network.
+        shape: Shape of the result.
+        strategy: One of ``TN_STRATEGIES``.
+
+    Returns:
+        The result, reshaped to ``shape``.
+    """
+    if strategy == "tn":
+        net = net.simplify()
+    elif strategy == "tn_lowered":
+        net = net.simplify(lower_all=True)
+    return net.contract().reshape(shape)
+
+
+def prepare(net: TensorNetwork, strategy: str) -> TensorNetwork:
+    """The network as the TN strategy evaluates it (for cost estimates).
+
+    Args:
+        net: The tensor network.
+        strategy: One of ``TN_STRATEGIES``.
+
+    Returns:
+        The simplified, lowered or unchanged network.
+    """
+    if strategy == "tn":
+        return net.simplify()
+    if strategy == "tn_lowered":
+        return net.simplify(lower_all=True)
+    return net
+
+
+# tensor-network evaluations
+
+
+def _tn_jac_mat_prod(module, spec, strategy, mat):
+    return evaluate(*jac_mat_prod.tensor_network(spec, module.weight, mat), strategy)
+
+
+def _tn_jac_t_mat_prod(module, spec, strategy, mat):
+    return evaluate(*jac_t_mat_prod.tensor_network(spec, module.weight, mat), strategy)
+
+
+def _tn_weight_jac_mat_prod(module, spec, strategy, x, mat):
+    return evaluate(*weight_jac_mat_prod.tensor_network(spec, x, mat), strategy)
+
+
+def _tn_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
+    net, shape = weight_jac_t_mat_prod.tensor_network(spec, x, mat, sum_batch)
+    return evaluate(net, shape, strategy)
+
+
+def _tn_weight_diag_ggn(module, spec, strategy, x, mat, sum_batch):
+    return evaluate(*weight_diag_ggn.tensor_network(spec, x, mat, sum_batch), strategy)
+
+
+def _tn_weight_batch_l2(module, spec, strategy, x, mat):
+    return evaluate(*weight_batch_l2.tensor_network(spec, x, mat), strategy)
+
+
+def _tn_unfold_input(module, spec, strategy, x):
+    return evaluate(*unfold_input.tensor_network(spec, x), strategy)
+
+
+def _tn_kfac_expand(module, spec, strategy, x):
+    if strategy == "tn_lowered" and spec.kind != "linear":
+        # one unfold, then one batched GEMM over (n, o)
+        unfolded = _tn_unfold_input(module, spec, "tn_lowered", x)
+        unfolded = unfolded.unflatten(1, (spec.groups, -1))
+        return torch.einsum("ngio,ngjo->gij", unfolded, unfolded) / x.shape[0]
+    return evaluate(*kfac_expand.tensor_network(spec, x), strategy)
+
+
+def _tn_kfac_reduce(module, spec, strategy, x):
+    return evaluate(*kfac_reduce.tensor_network(spec, x), strategy)
+
+
+# kernel evaluations
+
+
+def layer_function(module: Module, spec: LayerSpec) -> Callable[[Tensor, Tensor], Tensor]:
+    """The layer without bias as a function of input and weight.
+
+    Args:
+        module: The layer.
+        spec: Its description (gives the transposed convolution's output size).
+
+    Returns:
+        ``f(x, weight)`` with ``x`` of shape ``[N, *input_shape[1:]]``.
+    """
+    if spec.kind == "linear":
+        return lambda x, weight: functional.linear(x, weight)
+    if spec.kind == "conv":
+        return lambda x, weight: module._conv_forward(x, weight, None)
+    output_padding = []
+    for p in spec.patterns:
+        natural = (p.output_size - 1) * p.stride - p.padding[0] - p.padding[1]
+        natural += p.dilation * (p.kernel_size - 1) + 1
+        output_padding.append(p.input_size - natural)
+    transpose = {
+        1: functional.conv_transpose1d,
+        2: functional.conv_transpose2d,
+        3: functional.conv_transpose3d,
+    }[len(spec.patterns)]
+    return partial(
+        _conv_transpose,
+        transpose,
+        dict(
+            stride=module.stride,
+            padding=module.padding,
+            output_padding=tuple(output_padding),
+            groups=module.groups,
+            dilation=module.dilation,
+        ),
+    )
+
+
+def _conv_transpose(transpose, kwargs, x, weight):
+    return transpose(x, weight, None, **kwargs)
+
+
+def _kernel_jac_mat_prod(module, spec, strategy, mat):
+    out = layer_function(module, spec)(mat.flatten(0, 1), module.weight)
+    return out.unflatten(0, mat.shape[:2])
+
+
+def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
+    f = layer_function(module, spec)
+    weight = module.weight.detach()
+    zeros = mat.new_zeros(mat.shape[0] * mat.shape[1], *spec.input_shape()[1:])
+    _, vjp_fn = vjp(lambda x: f(x, weight), zeros)
+    (result,) = vjp_fn(mat.flatten(0, 1))
+    return result.unflatten(0, mat.shape[:2])
+
+
+def _kernel_weight_jac_mat_prod(module, spec, strategy, x, mat):
+    f = layer_function(module, spec)
+    return vmap(lambda w: f(x, w))(mat)
+
+
+def _kernel_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
+    f = layer_function(module, spec)
+    weight = module.weight.detach()
+    if sum_batch:
+        _, vjp_fn = vjp(lambda w: f(x, w), weight)
+        return vmap(lambda m: vjp_fn(m)[0])(mat)
+
+    def per_sample(x_n: Tensor, mat_n: Tensor) -> Tensor:
+        _, vjp_fn = vjp(lambda w: f(x_n.unsqueeze(0), w).squeeze(0), weight)
+        return vmap(lambda m: vjp_fn(m)[0])(mat_n)
+
+    return vmap(per_sample, in_dims=(0, 1), out_dims=1)(x, mat)
+
+
+def _vjp_squared(module, spec, strategy, x, mat, sum_batch):
+    """GGN diagonal as the squared per-sample VJP of another strategy."""
+    vjps = _per_sample_vjps(module, spec, strategy, x, mat)
+    squared = vjps.square_().sum(0)
+    return squared.sum(0) if sum_batch else squared
+
+
+def _vjp_batch_l2(module, spec, strategy, x, mat):
+    vjps = _per_sample_vjps(module, spec, strategy, x, mat)
+    return vjps.square_().flatten(2).sum((0, 2))
+
+
+def _per_sample_vjps(module, spec, strategy, x, mat):
+    base = strategy.removesuffix(SQUARE)
+    return WEIGHT_VJP[base](module, spec, base, x, mat, False)
+
+
+STOCK_WEIGHT_VJP = ("same_conv", "higher_conv")
+
+
+def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
+    """Stock BackPACK's weight VJP (``same_conv`` or ``higher_conv``)."""
+    check_stock_strategy(module, spec, strategy)
+    proxy = SimpleNamespace(
+        input0=x,
+        output=x.new_empty(()).expand(spec.output_shape(x.shape[0])),
+        weight=module.weight,
+        groups=module.groups,
+        stride=module.stride,
+        padding=tuple(p.padding[0] for p in spec.patterns),
+        dilation=module.dilation,
+    )
+    stock = {1: Conv1DDerivatives, 2: Conv2DDerivatives, 3: Conv3DDerivatives}
+    derivatives = stock[len(spec.patterns)]()
+    with weight_jac_t_save_memory(strategy == "higher_conv"):
+        return derivatives._weight_jac_t_mat_prod(proxy, None, None, mat, sum_batch)
+
+
+def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
+    """Raise if stock BackPACK's weight VJP would be wrong or unavailable.
+
+    Args:
+        module: The layer.
+        spec: Its description.
+        strategy: ``'same_conv'`` or ``'higher_conv'``.
+
+    Raises:
+        NotImplementedError: For layers other than Conv1d/2d/3d, non-zero padding
+            modes, uneven ``padding='same'``, or ``higher_conv`` on Conv3d.
+    """
+    name = type(module).__name__
+    alternatives = f"Use one of {('auto', *TN_STRATEGIES, 'kernel')}."
+    if spec.kind != "conv":
+        raise NotImplementedError(
+            f"Strategy {strategy!r} exists only for Conv1d/2d/3d, not {name}."
+            f" {alternatives}"
+        )
+    uneven = any(p.padding[0] != p.padding[1] for p in spec.patterns)
+    if module.padding_mode != "zeros" or uneven:
+        raise NotImplementedError(
+            f"Strategy {strategy!r} is stock BackPACK's and assumes even zero"
+            f" padding; {name} has padding={module.padding!r},"
+            f" padding_mode={module.padding_mode!r}. {alternatives}"
+        )
+    if strategy == "higher_conv" and len(spec.patterns) == 3:
+        raise NotImplementedError(
+            f"Strategy 'higher_conv' needs a 4d convolution, which PyTorch lacks, so"
+            f" it does not support {name}. {alternatives}"
+        )
+
+
+WEIGHT_VJP: dict[str, Callable] = {
+    **{s: _tn_weight_jac_t_mat_prod for s in TN_STRATEGIES},
+    "kernel": _kernel_weight_jac_t_mat_prod,
+    **{s: _stock_weight_jac_t_mat_prod for s in STOCK_WEIGHT_VJP},
+}
+
+#: op -> strategy -> evaluation(module, spec, strategy, **tensors)
+IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    "jac_mat_prod": {
+        **{s: _tn_jac_mat_prod for s in TN_STRATEGIES},
+        "kernel": _kernel_jac_mat_prod,
+    },
+    "jac_t_mat_prod": {
+        **{s: _tn_jac_t_mat_prod for s in TN_STRATEGIES},
+        "kernel": _kernel_jac_t_mat_prod,
+    },
+    "weight_jac_mat_prod": {
+        **{s: _tn_weight_jac_mat_prod for s in TN_STRATEGIES},
+        "kernel": _kernel_weight_jac_mat_prod,
+    },
+    "weight_jac_t_mat_prod": WEIGHT_VJP,
+    "weight_diag_ggn": {
+        **{s: _tn_weight_diag_ggn for s in TN_STRATEGIES},
+        **{f"{s}{SQUARE}": _vjp_squared for s in WEIGHT_VJP},
+    },
+    "weight_batch_l2": {
+        **{s: _tn_weight_batch_l2 for s in TN_STRATEGIES},
+        **{f"{s}{SQUARE}": _vjp_batch_l2 for s in WEIGHT_VJP},
+    },
+    "unfold_input": {s: _tn_unfold_input for s in TN_STRATEGIES},
+    "kfac_expand": {s: _tn_kfac_expand for s in TN_STRATEGIES},
+    "kfac_reduce": {s: _tn_kfac_reduce for s in TN_STRATEGIES},
+}
