@@ -1,0 +1,96 @@
+"""The one place that installs TN module extensions into BackPACK extensions.
+
+:data:`REGISTRY` maps each stock BackPACK extension class to the factory of its
+module extension for the TN layers. :func:`use_tn` installs them into an
+extension instance; for extensions it does not know (user-written ones), it
+swaps the derivatives of the module extensions they already have.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from backpack import extensions as stock
+from backpack.extensions.backprop_extension import BackpropExtension
+
+from backpack_tn.derivatives import DERIVATIVES
+from backpack_tn.derivatives.base import TNDerivativesMixin
+from backpack_tn.derivatives.choice import check_strategy
+from backpack_tn.extensions import curvmatprod, first_order, hbp, second_order
+
+Factory = Callable[[TNDerivativesMixin], object]
+
+#: Stock extension class -> factory of its TN module extension.
+REGISTRY: dict[type, Factory] = {
+    stock.BatchGrad: first_order.batch_grad,
+    stock.BatchL2Grad: first_order.BatchL2GradTN,
+    stock.SumGradSquared: first_order.SumGradSquaredTN,
+    stock.Variance: first_order.variance,
+    stock.DiagGGNExact: lambda d: second_order.DiagGGNTN(d, sum_batch=True),
+    stock.DiagGGNMC: lambda d: second_order.DiagGGNTN(d, sum_batch=True),
+    stock.BatchDiagGGNExact: lambda d: second_order.DiagGGNTN(d, sum_batch=False),
+    stock.BatchDiagGGNMC: lambda d: second_order.DiagGGNTN(d, sum_batch=False),
+    stock.DiagHessian: lambda d: second_order.DiagHessianTN(d, sum_batch=True),
+    stock.BatchDiagHessian: lambda d: second_order.DiagHessianTN(d, sum_batch=False),
+    stock.SqrtGGNExact: second_order.sqrt_ggn,
+    stock.SqrtGGNMC: second_order.sqrt_ggn,
+    stock.KFAC: hbp.HBPTN,
+    stock.KFLR: hbp.HBPTN,
+    stock.KFRA: hbp.HBPTN,
+    stock.GGNMP: curvmatprod.ggnmp,
+    stock.HMP: curvmatprod.hmp,
+    stock.PCHMP: curvmatprod.pchmp,
+}
+
+Extension = TypeVar("Extension", bound=BackpropExtension)
+
+
+def use_tn(extension: Extension, strategy: str = "auto") -> Extension:
+    """Compute an extension's Linear/Conv/ConvTranspose quantities by tensor networks.
+
+    Stock module extensions of these layers are replaced by TN ones; user-written
+    module extensions keep their code but get TN derivatives. All other layers
+    keep BackPACK's module extensions.
+
+    Args:
+        extension: A BackPACK extension instance, stock or user-written.
+        strategy: Evaluation strategy of the TN derivatives, one of
+            :data:`backpack_tn.derivatives.STRATEGIES`.
+
+    Returns:
+        The same extension instance, so it can be used inline:
+        ``with backpack(use_tn(DiagGGNExact())): ...``.
+
+    Raises:
+        TypeError: If ``extension`` is not a BackPACK extension instance.
+    """
+    if not isinstance(extension, BackpropExtension):
+        raise TypeError(
+            "use_tn expects a BackPACK extension instance (e.g. DiagGGNExact()),"
+            f" got {extension!r} of type {type(extension).__name__}."
+        )
+    check_strategy(strategy, "use_tn")
+    factory = _factory(extension)
+    module_extensions = extension._BackpropExtension__module_extensions
+    for layer, derivatives_cls in DERIVATIVES.items():
+        derivatives = derivatives_cls(strategy=strategy)
+        current = module_extensions.get(layer)
+        if factory is not None and (current is None or _is_stock(current)):
+            extension.set_module_extension(layer, factory(derivatives), overwrite=True)
+        elif current is not None and hasattr(current, "derivatives"):
+            current.derivatives = derivatives
+    extension.tn_strategy = strategy
+    return extension
+
+
+def _factory(extension: BackpropExtension) -> Factory | None:
+    for cls in type(extension).__mro__:
+        if cls in REGISTRY:
+            return REGISTRY[cls]
+    return None
+
+
+def _is_stock(module_extension) -> bool:
+    """Whether a module extension is stock BackPACK's or ours (not user-written)."""
+    package = type(module_extension).__module__.split(".")[0]
+    return package in ("backpack", "backpack_tn")
