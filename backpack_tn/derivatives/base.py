@@ -184,7 +184,7 @@ class TNDerivativesMixin:
         if spec.kind == "linear":
             view = mat.reshape(mat.shape[0], *[1] * (len(shape) - 2), mat.shape[1])
         else:
-            view = mat.reshape(*mat.shape, *[1] * (len(shape) - 2))
+            view = mat.reshape(*mat.shape, *[1] * (len(shape) - 3))
             view = view.unsqueeze(1)
         return view.expand(shape)
 
@@ -213,7 +213,7 @@ class TNDerivativesMixin:
         """
         spec = self._spec(module)
         check_like_weight(module, "mat", mat)
-        dims = list(range(2, mat.dim()))
+        dims = list(range(3, mat.dim()))
         if spec.kind == "linear":
             dims = list(range(2, mat.dim() - 1))
         if sum_batch:

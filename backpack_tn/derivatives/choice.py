@@ -95,7 +95,13 @@ def choose(
     """
     candidates = IMPLEMENTATIONS[op]
     if strategy in STOCK_WEIGHT_VJP:
-        check_stock_strategy(module, spec, strategy)
+        if spec.kind == "linear":
+            return "tn", (
+                f"stock BackPACK's Linear products (strategy {strategy!r}) are this"
+                " network's single einsum"
+            )
+        if op in _WEIGHT_VJP_OPS:
+            check_stock_strategy(module, spec, strategy)
     if strategy != "auto":
         if strategy in candidates:
             if op in _SQUARED:
@@ -110,6 +116,9 @@ def choose(
     if _AUTOTUNE["enabled"]:
         return _autotuned(op, module, spec, tensors)
     return _RULES[op](spec, tensors)
+
+
+_WEIGHT_VJP_OPS = ("weight_jac_t_mat_prod", "weight_diag_ggn", "weight_batch_l2")
 
 
 def _non_overlapping(spec: LayerSpec) -> bool:
