@@ -152,7 +152,12 @@ class TensorNetwork:
             ]
             if len(holders) == 1 and i not in net.output:
                 _lower_input_side(net, pos, holders[0])
-            elif output_side and not holders and i in net.output:
+            elif (
+                output_side
+                and not holders
+                and i in net.output
+                and not {k, o} & set(net._einsum_output)
+            ):
                 _lower_output_side(net, pos)
         return net
 

@@ -1,0 +1,326 @@
+"""The main job: one network, every extension, stock BackPACK against backpack_tn.
+
+``python -m backpack_tn`` (or ``python -m backpack_tn run``) builds a CNN with
+random weights, draws a synthetic batch, runs each extension's backward pass once
+with stock BackPACK and once with backpack_tn, checks that the results agree,
+and prints time and peak memory of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from backpack import backpack, extend
+from backpack import extensions as stock
+from torch import nn
+
+from backpack_tn import extensions as tn
+from backpack_tn.benchmark.models import NETS
+
+#: name -> (stock factory or None, TN factory)
+EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
+    "BatchGrad": (stock.BatchGrad, tn.BatchGrad),
+    "DiagGGNExact": (stock.DiagGGNExact, tn.DiagGGNExact),
+    "KFAC": (stock.KFAC, tn.KFAC),
+    "KFAC-reduce": (None, lambda: tn.KFAC(kfac_approx="reduce")),
+    "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Networks the main job runs on (sequential CNNs that BackPACK extends as they are).
+MODELS = ("all_cnn_c", "3c3d", "2c2d")
+
+
+@dataclass
+class Outcome:
+    """Result of one extension run.
+
+    Attributes:
+        seconds: Wall time of forward + backward.
+        peak_mib: Peak memory during the run, in MiB (``nan`` if unmeasurable).
+        values: The extension's quantity per parameter name.
+        error: Why the run failed, if it did.
+    """
+
+    seconds: float = float("nan")
+    peak_mib: float = float("nan")
+    values: dict | None = None
+    error: str = ""
+
+
+class _PeakMemory:
+    """Peak memory of a code block: CUDA allocator peak or the process's VmHWM."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.before = _reset_vm_hwm()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _read_status("VmHWM")
+        self.peak_mib = (
+            (peak - self.before) / 2**20 if self.before >= 0 else float("nan")
+        )
+
+
+def _read_status(field: str) -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def _reset_vm_hwm() -> int:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return -1
+    return _read_status("VmRSS")
+
+
+def run_extension(model, loss_fn, x, y, factory, seed: int) -> Outcome:
+    """Run one backward pass with an extension and collect its quantities.
+
+    Args:
+        model: Extended model.
+        loss_fn: Extended loss.
+        x: Inputs.
+        y: Targets.
+        factory: Builds the extension.
+        seed: Seed set before the pass (same MC samples for stock and TN).
+
+    Returns:
+        The outcome.
+    """
+    extension = factory()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    try:
+        with _PeakMemory(x.device) as memory:
+            start = time.perf_counter()
+            with backpack(extension):
+                loss_fn(model(x), y).backward()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            seconds = time.perf_counter() - start
+    except (NotImplementedError, RuntimeError, ValueError) as error:
+        return Outcome(error=f"{type(error).__name__}: {error}".splitlines()[0])
+    values = {
+        name: getattr(p, extension.savefield)
+        for name, p in model.named_parameters()
+        if hasattr(p, extension.savefield)
+    }
+    for p in model.parameters():
+        if hasattr(p, extension.savefield):
+            delattr(p, extension.savefield)
+    return Outcome(seconds, memory.peak_mib, values)
+
+
+def max_relative_error(first: dict, second: dict) -> float:
+    """Largest relative deviation between two results, over all parameters.
+
+    Args:
+        first: Quantity per parameter name (tensors or lists of tensors).
+        second: Same structure.
+
+    Returns:
+        ``max |a - b| / max(|b|)`` over all parameters and factors.
+    """
+    worst = 0.0
+    for name, a in first.items():
+        b = second[name]
+        pairs = zip(a, b) if isinstance(a, (list, tuple)) else [(a, b)]
+        for u, v in pairs:
+            scale = v.abs().max().clamp(min=torch.finfo(v.dtype).tiny)
+            worst = max(worst, ((u - v).abs().max() / scale).item())
+    return worst
+
+
+def run_network(
+    model_name: str = "all_cnn_c",
+    batch_size: int = 8,
+    extensions: list[str] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> list[dict]:
+    """Compare stock BackPACK and backpack_tn on one network.
+
+    Args:
+        model_name: One of :data:`MODELS`.
+        batch_size: Batch size of the synthetic batch.
+        extensions: Keys of :data:`EXTENSIONS` (default: all).
+        device: Torch device.
+        dtype: ``'float32'`` or ``'float64'``.
+        seed: Seed for weights, data and MC samples.
+
+    Returns:
+        One row per extension with times, peak memories, ratios and agreement.
+    """
+    torch.manual_seed(seed)
+    constructor, sample_shape = NETS[model_name]
+    torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
+    model = extend(constructor().to(torch_device, torch_dtype))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x = torch.randn(batch_size, *sample_shape, device=torch_device, dtype=torch_dtype)
+    with torch.no_grad():
+        classes = model(x).shape[1]
+    y = torch.randint(0, classes, (batch_size,), device=torch_device)
+    tolerance = 1e-3 if torch_dtype == torch.float32 else 1e-8
+    rows = []
+    for name in extensions or list(EXTENSIONS):
+        stock_factory, tn_factory = EXTENSIONS[name]
+        run_extension(model, loss_fn, x, y, tn_factory, seed)  # warm-up
+        ours = run_extension(model, loss_fn, x, y, tn_factory, seed)
+        theirs = (
+            run_extension(model, loss_fn, x, y, stock_factory, seed)
+            if stock_factory
+            else Outcome(error="stock BackPACK has no such extension")
+        )
+        row = {"extension": name, "tn": ours, "stock": theirs, "agree": ""}
+        if ours.error:
+            row["agree"] = "backpack_tn failed"
+        elif theirs.error:
+            row["agree"] = f"stock cannot run ({theirs.error[:60]})"
+        else:
+            error = max_relative_error(ours.values, theirs.values)
+            row["agree"] = (
+                f"{'yes' if error < tolerance else 'NO'} (rel. err {error:.1e})"
+            )
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`run_network`'s rows.
+
+    Args:
+        rows: Rows from :func:`run_network`.
+
+    Returns:
+        The table.
+    """
+
+    def ms(outcome):
+        return "n/a" if outcome.error else f"{outcome.seconds * 1e3:.1f}"
+
+    def mib(outcome):
+        return "n/a" if outcome.error else f"{outcome.peak_mib:.0f}"
+
+    def ratio(ours, theirs, attr):
+        if ours.error or theirs.error:
+            return "n/a"
+        return f"{getattr(ours, attr) / max(getattr(theirs, attr), 1e-12):.2f}x"
+
+    lines = [
+        "| extension | stock [ms] | tn [ms] | time tn/stock | stock peak [MiB]"
+        " | tn peak [MiB] | memory tn/stock | results agree |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ours, theirs = row["tn"], row["stock"]
+        lines.append(
+            f"| {row['extension']} | {ms(theirs)} | {ms(ours)} |"
+            f" {ratio(ours, theirs, 'seconds')} | {mib(theirs)} | {mib(ours)} |"
+            f" {ratio(ours, theirs, 'peak_mib')} | {row['agree']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``run`` command (the default main job).
+
+    Args:
+        subparsers: Subparsers of the top-level parser.
+
+    Returns:
+        The command's parser.
+    """
+    parser = subparsers.add_parser(
+        "run",
+        help="compare stock BackPACK and backpack_tn on a whole network (default)",
+        description=__doc__.splitlines()[0],
+    )
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser):
+    """Add the main job's options to a parser.
+
+    Args:
+        parser: The parser.
+    """
+    parser.add_argument("--model", default="all_cnn_c", choices=MODELS)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--extensions",
+        nargs="+",
+        default=list(EXTENSIONS),
+        choices=list(EXTENSIONS),
+        metavar="EXT",
+        help=f"extensions to run (default: all of {', '.join(EXTENSIONS)})",
+    )
+    parser.add_argument("--device", default="cpu", type=_device)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(command_fn=run_command)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    return text
+
+
+def run_command(args: argparse.Namespace, parser=None) -> int:
+    """Execute the main job and print its table.
+
+    Args:
+        args: Parsed options.
+        parser: Unused.
+
+    Returns:
+        Exit code: 0 if all results agree, 1 otherwise.
+    """
+    print(
+        f"{args.model}, batch size {args.batch_size}, {args.dtype} on {args.device}:"
+        " stock BackPACK vs backpack_tn (one backward pass each, after warm-up)"
+    )
+    rows = run_network(
+        args.model, args.batch_size, args.extensions, args.device, args.dtype, args.seed
+    )
+    print(format_table(rows))
+    return (
+        1 if any(row["agree"].startswith(("NO", "backpack_tn")) for row in rows) else 0
+    )
