@@ -1,0 +1,262 @@
+"""Wall-clock timing: warm-up, interleaved rounds, medians, quiet-machine gating.
+
+All methods of one (layer, op) run in the same process. After one warm-up call
+each, every *round* calls each method once, starting at a different method in
+each round (round ``r`` starts at method ``r mod M``), so that slow drifts of the
+machine (frequency, other processes, allocator state) hit all methods alike. The
+reported time is the median over rounds.
+
+On a shared machine, another process using a core makes multi-threaded kernels
+erratically slow. With gating, each round waits until the *foreign* CPU load is
+below a threshold (busy time of all CPUs from ``/proc/stat``, including steal,
+minus this process's own CPU time from :func:`os.times`, per CPU and second),
+and a round during which the foreign load exceeded the threshold is discarded
+and repeated.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Busy time of all CPUs since boot (user, nice, system, irq, softirq, steal).
+
+    Returns:
+        Seconds summed over CPUs, or ``None`` where ``/proc/stat`` is missing.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process (all threads).
+
+    Returns:
+        User plus system seconds.
+    """
+    times = os.times()
+    return times.user + times.system
+
+
+@dataclass
+class LoadGate:
+    """Wait for a quiet machine and detect rounds disturbed by other processes.
+
+    Attributes:
+        threshold: Largest tolerated foreign load, as a fraction of all CPUs.
+        window: Seconds over which the load is measured before a round.
+        max_wait: Give up waiting after this many seconds (and warn once).
+        cpus: Number of CPUs.
+    """
+
+    threshold: float = 0.05
+    window: float = 0.5
+    max_wait: float = 120.0
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    _warned: bool = field(default=False, repr=False)
+
+    @property
+    def available(self) -> bool:
+        """Whether the machine exposes ``/proc/stat``."""
+        return _busy_cpu_seconds() is not None
+
+    @staticmethod
+    def mark() -> tuple[float, float, float]:
+        """Snapshot of busy, own and wall-clock time.
+
+        Returns:
+            ``(busy_cpu_s, own_cpu_s, wall_s)``.
+        """
+        return (_busy_cpu_seconds() or 0.0, _own_cpu_seconds(), time.perf_counter())
+
+    def foreign_load(self, since: tuple[float, float, float]) -> float:
+        """Foreign load since a snapshot.
+
+        Args:
+            since: Snapshot from :meth:`mark`.
+
+        Returns:
+            Busy CPU time of other processes per CPU and second, in ``[0, 1]``.
+        """
+        busy, own, wall = self.mark()
+        elapsed = max(wall - since[2], 1e-9)
+        foreign = (busy - since[0]) - (own - since[1])
+        return max(0.0, foreign / (elapsed * self.cpus))
+
+    def wait_quiet(self) -> tuple[float, tuple[float, float, float]]:
+        """Block until the foreign load over one window is below the threshold.
+
+        Returns:
+            Seconds waited, and the snapshot that starts the quiet window (use it
+            to judge the round that follows, so short rounds are judged over at
+            least one window).
+        """
+        start = time.perf_counter()
+        while True:
+            since = self.mark()
+            time.sleep(self.window)
+            if self.foreign_load(since) < self.threshold:
+                return time.perf_counter() - start, since
+            if time.perf_counter() - start > self.max_wait:
+                if not self._warned:
+                    warnings.warn(
+                        f"Foreign CPU load stayed above {self.threshold:.0%} for "
+                        f"{self.max_wait:.0f} s; timing anyway.",
+                        stacklevel=2,
+                    )
+                    self._warned = True
+                return time.perf_counter() - start, since
+
+
+@dataclass
+class TimingResult:
+    """Timings of the methods of one (layer, op).
+
+    Attributes:
+        times: Seconds per accepted round, per method.
+        errors: Exceptions raised by methods (those are not timed).
+        outputs: Result of each method's warm-up call, if kept.
+        discarded: Number of rounds discarded because of foreign load.
+        waited: Seconds spent waiting for a quiet machine.
+    """
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    outputs: dict[str, object] = field(default_factory=dict)
+    discarded: int = 0
+    waited: float = 0.0
+
+    def median(self, method: str) -> float:
+        """Median time of a method.
+
+        Args:
+            method: Method name.
+
+        Returns:
+            Seconds; ``nan`` if the method was not timed.
+        """
+        values = self.times.get(method, [])
+        return statistics.median(values) if values else float("nan")
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that times one call on a device.
+
+    Args:
+        device: Where the methods run.
+
+    Returns:
+        ``timer(fn) -> seconds``; uses CUDA events and synchronization on CUDA.
+    """
+    if device.type == "cuda":
+
+        def cuda_timer(fn: Callable[[], object]) -> float:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_timer
+
+    def cpu_timer(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return cpu_timer
+
+
+def time_interleaved(
+    methods: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    gate: LoadGate | None = None,
+    keep_output: Callable[[str, object], None] | None = None,
+    max_discards: int | None = None,
+) -> TimingResult:
+    """Time several methods in interleaved rounds with rotating start.
+
+    Args:
+        methods: ``{name: fn}``; each ``fn()`` computes one result.
+        repeats: Number of accepted rounds.
+        warmup: Untimed calls per method before the rounds. A method that raises
+            during warm-up is left out of the rounds.
+        device: Device the methods run on (CUDA uses events).
+        gate: Quiet-machine gate; ``None`` disables gating.
+        keep_output: Called as ``keep_output(name, result)`` with the result of
+            each method's first warm-up call (e.g. to check correctness).
+        max_discards: Stop discarding after this many rounds (default
+            ``3 * repeats``) and accept disturbed rounds.
+
+    Returns:
+        Round times per method, errors, and gating statistics.
+    """
+    device = torch.device(device)
+    timer = _timer(device)
+    result = TimingResult()
+    if gate is not None and not gate.available:
+        warnings.warn("No /proc/stat: quiet-machine gating is off.", stacklevel=2)
+        gate = None
+    active: list[str] = []
+    for name, fn in methods.items():
+        try:
+            for i in range(max(warmup, 1)):
+                output = fn()
+                if i == 0 and keep_output is not None:
+                    keep_output(name, output)
+                del output
+        except Exception as error:
+            result.errors[name] = error
+            continue
+        active.append(name)
+        result.times[name] = []
+    max_discards = 3 * repeats if max_discards is None else max_discards
+    accepted = 0
+    rotation = 0
+    while active and accepted < repeats:
+        since = None
+        if gate is not None:
+            waited, since = gate.wait_quiet()
+            result.waited += waited
+        order: Sequence[str] = (
+            active[rotation % len(active) :] + active[: rotation % len(active)]
+        )
+        rotation += 1
+        times = {}
+        for name in order:
+            try:
+                times[name] = timer(methods[name])
+            except Exception as error:
+                result.errors[name] = error
+                active.remove(name)
+                del result.times[name]
+        if (
+            gate is not None
+            and gate.foreign_load(since) >= gate.threshold
+            and result.discarded < max_discards
+        ):
+            result.discarded += 1
+            continue
+        for name, seconds in times.items():
+            result.times[name].append(seconds)
+        accepted += 1
+    return result
