@@ -8,7 +8,8 @@ swaps the derivatives of the module extensions they already have.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from backpack import extensions as stock
 from backpack.extensions.backprop_extension import BackpropExtension
@@ -91,6 +92,10 @@ def _factory(extension: BackpropExtension) -> Factory | None:
 
 
 def _is_stock(module_extension) -> bool:
-    """Whether a module extension is stock BackPACK's or ours (not user-written)."""
+    """Whether a module extension is stock BackPACK's or ours (not user-written).
+
+    Returns:
+        ``True`` for module extensions defined in backpack or backpack_tn.
+    """
     package = type(module_extension).__module__.split(".")[0]
     return package in ("backpack", "backpack_tn")

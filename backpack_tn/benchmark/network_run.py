@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from backpack import backpack, extend
@@ -149,7 +149,7 @@ def max_relative_error(first: dict, second: dict) -> float:
     worst = 0.0
     for name, a in first.items():
         b = second[name]
-        pairs = zip(a, b) if isinstance(a, (list, tuple)) else [(a, b)]
+        pairs = zip(a, b, strict=False) if isinstance(a, (list, tuple)) else [(a, b)]
         for u, v in pairs:
             scale = v.abs().max().clamp(min=torch.finfo(v.dtype).tiny)
             worst = max(worst, ((u - v).abs().max() / scale).item())

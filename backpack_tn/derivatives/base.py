@@ -12,8 +12,6 @@ the derivative's ``strategy`` says (see :mod:`backpack_tn.derivatives.choice`).
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Module
@@ -75,7 +73,7 @@ class TNDerivativesMixin:
     # products BackPACK calls
 
     def _jac_mat_prod(
-        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+        self, module: Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], mat: Tensor
     ) -> Tensor:
         """Apply the input Jacobian.
 
@@ -93,10 +91,10 @@ class TNDerivativesMixin:
     def _jac_t_mat_prod(
         self,
         module: Module,
-        g_inp: Tuple[Tensor],
-        g_out: Tuple[Tensor],
+        g_inp: tuple[Tensor],
+        g_out: tuple[Tensor],
         mat: Tensor,
-        subsampling: List[int] = None,
+        subsampling: list[int] = None,
     ) -> Tensor:
         """Apply the transposed input Jacobian.
 
@@ -114,7 +112,7 @@ class TNDerivativesMixin:
         return self._run("jac_t_mat_prod", module, self._spec(module), mat=mat)
 
     def _weight_jac_mat_prod(
-        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+        self, module: Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], mat: Tensor
     ) -> Tensor:
         """Apply the weight Jacobian.
 
@@ -134,11 +132,11 @@ class TNDerivativesMixin:
     def _weight_jac_t_mat_prod(
         self,
         module: Module,
-        g_inp: Tuple[Tensor],
-        g_out: Tuple[Tensor],
+        g_inp: tuple[Tensor],
+        g_out: tuple[Tensor],
         mat: Tensor,
         sum_batch: bool = True,
-        subsampling: List[int] = None,
+        subsampling: list[int] = None,
     ) -> Tensor:
         """Apply the transposed weight Jacobian.
 
@@ -165,7 +163,7 @@ class TNDerivativesMixin:
         )
 
     def _bias_jac_mat_prod(
-        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+        self, module: Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], mat: Tensor
     ) -> Tensor:
         """Apply the bias Jacobian (a broadcast over batch and positions).
 
@@ -191,11 +189,11 @@ class TNDerivativesMixin:
     def _bias_jac_t_mat_prod(
         self,
         module: Module,
-        g_inp: Tuple[Tensor],
-        g_out: Tuple[Tensor],
+        g_inp: tuple[Tensor],
+        g_out: tuple[Tensor],
         mat: Tensor,
         sum_batch: bool = True,
-        subsampling: List[int] = None,
+        subsampling: list[int] = None,
     ) -> Tensor:
         """Apply the transposed bias Jacobian (a sum over positions and batch).
 
@@ -221,7 +219,7 @@ class TNDerivativesMixin:
         return mat.sum(dims) if dims else mat
 
     def ea_jac_t_mat_jac_prod(
-        self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
+        self, module: Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], mat: Tensor
     ) -> Tensor:
         """Sandwich a matrix with the per-sample input-output Jacobian (KFRA).
 
@@ -233,7 +231,8 @@ class TNDerivativesMixin:
                 ``F_out = prod(output_shape[1:])``.
 
         Returns:
-            ``J^T mat J`` of shape ``[F_in, F_in]`` with ``F_in = prod(input_shape[1:])``.
+            ``J^T mat J`` of shape ``[F_in, F_in]``, with
+            ``F_in = prod(input_shape[1:])``.
         """
         spec = self._spec(module)
         out_shape = spec.output_shape(1)[1:]
@@ -263,8 +262,11 @@ class TNDerivativesMixin:
     # quantities BackPACK's module extensions compute from unfolded inputs
 
     def weight_diag_ggn(
-        self, module: Module, mat: Tensor, sum_batch: bool = True,
-        subsampling: List[int] = None,
+        self,
+        module: Module,
+        mat: Tensor,
+        sum_batch: bool = True,
+        subsampling: list[int] = None,
     ) -> Tensor:
         """Weight GGN diagonal from a square root: ``Σ_v Σ_n (J_W^T mat)²``.
 

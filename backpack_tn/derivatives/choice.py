@@ -9,7 +9,8 @@
   a strided view and one batched GEMM. Otherwise convolution kernels batched by
   ``vmap`` (per-sample gradients as in ``vmap(grad)``) win over a dense pattern.
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
-  single network that never forms per-sample VJPs against squaring them.
+  single network that never forms per-sample VJPs against squaring them (formed
+  by a strided view and one GEMM, as stock BackPACK's unfold route does).
 - Kronecker input factors compare the FLOPs of the simplified network (dense
   patterns) and the lowered one (strided views, unfold + GEMM for KFAC-expand).
 
@@ -20,7 +21,7 @@ configuration and keeps the fastest (like cuDNN's benchmark mode).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -152,7 +153,11 @@ _SQUARED = {
 def _cheaper_squared(
     op: str, spec: LayerSpec, strategy: str, tensors: dict
 ) -> tuple[str, str]:
-    """Single squared network or squared per-sample VJPs, by FLOPs."""
+    """Single squared network or squared per-sample VJPs, by FLOPs.
+
+    Returns:
+        The implementation key and the reason.
+    """
     net, _ = _SQUARED[op](spec, tensors)
     vjp, _ = weight_jac_t_mat_prod.tensor_network(
         spec, tensors["x"], tensors["mat"], False
@@ -171,13 +176,9 @@ def _cheaper_squared(
 
 def _squared_rule(op: str) -> Callable:
     def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-        vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
-        if vjp_key != "tn":
-            key, reason = _cheaper_squared(op, spec, "tn", tensors)
-            if key == f"tn{SQUARE}":
-                return f"{vjp_key}{SQUARE}", f"{reason}; VJPs: {vjp_reason}"
-            return key, reason
-        return _cheaper_squared(op, spec, "tn", tensors)
+        # per-sample VJPs of overlapping patterns: unfold + GEMM, as stock BackPACK
+        base = "tn" if spec.kind == "linear" or _non_overlapping(spec) else "tn_lowered"
+        return _cheaper_squared(op, spec, base, tensors)
 
     return rule
 

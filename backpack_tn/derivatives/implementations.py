@@ -18,17 +18,17 @@ BackPACK's layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
-from torch import Tensor
-from torch.func import vjp, vmap
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from backpack.core.derivatives.convnd import weight_jac_t_save_memory
+from torch import Tensor
+from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
 from backpack_tn.engine.network import TensorNetwork
@@ -134,7 +134,9 @@ def _tn_kfac_reduce(module, spec, strategy, x):
 # kernel evaluations
 
 
-def layer_function(module: Module, spec: LayerSpec) -> Callable[[Tensor, Tensor], Tensor]:
+def layer_function(
+    module: Module, spec: LayerSpec
+) -> Callable[[Tensor, Tensor], Tensor]:
     """The layer without bias as a function of input and weight.
 
     Args:
@@ -145,7 +147,7 @@ def layer_function(module: Module, spec: LayerSpec) -> Callable[[Tensor, Tensor]
         ``f(x, weight)`` with ``x`` of shape ``[N, *input_shape[1:]]``.
     """
     if spec.kind == "linear":
-        return lambda x, weight: functional.linear(x, weight)
+        return functional.linear
     if spec.kind == "conv":
         return lambda x, weight: module._conv_forward(x, weight, None)
     output_padding = []
@@ -161,13 +163,13 @@ def layer_function(module: Module, spec: LayerSpec) -> Callable[[Tensor, Tensor]
     return partial(
         _conv_transpose,
         transpose,
-        dict(
-            stride=module.stride,
-            padding=module.padding,
-            output_padding=tuple(output_padding),
-            groups=module.groups,
-            dilation=module.dilation,
-        ),
+        {
+            "stride": module.stride,
+            "padding": module.padding,
+            "output_padding": tuple(output_padding),
+            "groups": module.groups,
+            "dilation": module.dilation,
+        },
     )
 
 
@@ -209,7 +211,11 @@ def _kernel_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
 
 
 def _vjp_squared(module, spec, strategy, x, mat, sum_batch):
-    """GGN diagonal as the squared per-sample VJP of another strategy."""
+    """GGN diagonal as the squared per-sample VJP of another strategy.
+
+    Returns:
+        The GGN diagonal of shape ``[(N,) *weight_shape]``.
+    """
     vjps = _per_sample_vjps(module, spec, strategy, x, mat)
     squared = vjps.square_().sum(0)
     return squared.sum(0) if sum_batch else squared
@@ -229,7 +235,11 @@ STOCK_WEIGHT_VJP = ("same_conv", "higher_conv")
 
 
 def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
-    """Stock BackPACK's weight VJP (``same_conv`` or ``higher_conv``)."""
+    """Stock BackPACK's weight VJP (``same_conv`` or ``higher_conv``).
+
+    Returns:
+        The weight VJP of shape ``[V, (N,) *weight_shape]``.
+    """
     check_stock_strategy(module, spec, strategy)
     proxy = SimpleNamespace(
         input0=x,
@@ -280,35 +290,35 @@ def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
 
 
 WEIGHT_VJP: dict[str, Callable] = {
-    **{s: _tn_weight_jac_t_mat_prod for s in TN_STRATEGIES},
+    **dict.fromkeys(TN_STRATEGIES, _tn_weight_jac_t_mat_prod),
     "kernel": _kernel_weight_jac_t_mat_prod,
-    **{s: _stock_weight_jac_t_mat_prod for s in STOCK_WEIGHT_VJP},
+    **dict.fromkeys(STOCK_WEIGHT_VJP, _stock_weight_jac_t_mat_prod),
 }
 
 #: op -> strategy -> evaluation(module, spec, strategy, **tensors)
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "jac_mat_prod": {
-        **{s: _tn_jac_mat_prod for s in TN_STRATEGIES},
+        **dict.fromkeys(TN_STRATEGIES, _tn_jac_mat_prod),
         "kernel": _kernel_jac_mat_prod,
     },
     "jac_t_mat_prod": {
-        **{s: _tn_jac_t_mat_prod for s in TN_STRATEGIES},
+        **dict.fromkeys(TN_STRATEGIES, _tn_jac_t_mat_prod),
         "kernel": _kernel_jac_t_mat_prod,
     },
     "weight_jac_mat_prod": {
-        **{s: _tn_weight_jac_mat_prod for s in TN_STRATEGIES},
+        **dict.fromkeys(TN_STRATEGIES, _tn_weight_jac_mat_prod),
         "kernel": _kernel_weight_jac_mat_prod,
     },
     "weight_jac_t_mat_prod": WEIGHT_VJP,
     "weight_diag_ggn": {
-        **{s: _tn_weight_diag_ggn for s in TN_STRATEGIES},
+        **dict.fromkeys(TN_STRATEGIES, _tn_weight_diag_ggn),
         **{f"{s}{SQUARE}": _vjp_squared for s in WEIGHT_VJP},
     },
     "weight_batch_l2": {
-        **{s: _tn_weight_batch_l2 for s in TN_STRATEGIES},
+        **dict.fromkeys(TN_STRATEGIES, _tn_weight_batch_l2),
         **{f"{s}{SQUARE}": _vjp_batch_l2 for s in WEIGHT_VJP},
     },
-    "unfold_input": {s: _tn_unfold_input for s in TN_STRATEGIES},
-    "kfac_expand": {s: _tn_kfac_expand for s in TN_STRATEGIES},
-    "kfac_reduce": {s: _tn_kfac_reduce for s in TN_STRATEGIES},
+    "unfold_input": dict.fromkeys(TN_STRATEGIES, _tn_unfold_input),
+    "kfac_expand": dict.fromkeys(TN_STRATEGIES, _tn_kfac_expand),
+    "kfac_reduce": dict.fromkeys(TN_STRATEGIES, _tn_kfac_reduce),
 }

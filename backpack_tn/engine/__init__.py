@@ -1,0 +1,1 @@
+"""Tensor-network engine: index patterns, symbolic networks, evaluation."""

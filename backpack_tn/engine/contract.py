@@ -7,9 +7,9 @@ the default, :func:`optimizer` changes it inside a ``with`` block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator, Sequence
 
 import opt_einsum
 from torch import Tensor, einsum
@@ -64,9 +64,7 @@ def optimizer(name: str) -> Iterator[None]:
         set_optimizer(old)
 
 
-def equation_from_legs(
-    legs: Sequence[Sequence[str]], output: Sequence[str]
-) -> str:
+def equation_from_legs(legs: Sequence[Sequence[str]], output: Sequence[str]) -> str:
     """Translate named legs into an einsum equation.
 
     Leg names are mapped to ``a-z``, ``A-Z`` and then further symbols in order of
@@ -95,9 +93,9 @@ def _expression(equation: str, shapes: tuple[tuple[int, ...], ...], optimize: st
 
 @lru_cache(maxsize=1024)
 def _path_info(equation: str, shapes: tuple[tuple[int, ...], ...], optimize: str):
-    return opt_einsum.contract_path(
-        equation, *shapes, shapes=True, optimize=optimize
-    )[1]
+    return opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)[
+        1
+    ]
 
 
 def path_info(

@@ -11,8 +11,8 @@ Simplification is exact: the simplified network computes the same tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from torch import Tensor
 from backpack_tn.engine.contract import contract, equation_from_legs, path_info
 from backpack_tn.engine.index_pattern import IndexPattern
 
-Operand = Union[Tensor, IndexPattern]
+Operand = Tensor | IndexPattern
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TensorNetwork:
             raise ValueError(
                 f"Got {len(self.operands)} operands but {len(self.legs)} leg tuples."
             )
-        for operand, legs in zip(self.operands, self.legs):
+        for operand, legs in zip(self.operands, self.legs, strict=False):
             order = 3 if isinstance(operand, IndexPattern) else operand.dim()
             if order != len(legs):
                 raise ValueError(
@@ -306,12 +306,12 @@ def leg_sizes(net: TensorNetwork) -> dict[str, int]:
         ValueError: If a leg has inconsistent sizes.
     """
     sizes: dict[str, int] = {}
-    for operand, legs in zip(net.operands, net.legs):
+    for operand, legs in zip(net.operands, net.legs, strict=False):
         if isinstance(operand, IndexPattern):
             shape = (operand.kernel_size, operand.output_size, operand.input_size)
         else:
             shape = tuple(operand.shape)
-        for leg, size in zip(legs, shape):
+        for leg, size in zip(legs, shape, strict=False):
             if sizes.setdefault(leg, size) != size:
                 raise ValueError(
                     f"Leg {leg!r} has inconsistent sizes {sizes[leg]} and {size}."

@@ -59,7 +59,9 @@ def input_operand(
     mapping = {leg: f"{leg}{suffix}" for c in rename for leg in categories[c]}
     x_legs = ("n", *spec.feature_legs("in", "b"))
     patterns, pattern_legs = spec.pattern_operands()
-    legs = [tuple(mapping.get(leg, leg) for leg in op) for op in [x_legs, *pattern_legs]]
+    legs = [
+        tuple(mapping.get(leg, leg) for leg in op) for op in [x_legs, *pattern_legs]
+    ]
     return [spec.split_features(x, 0), *patterns], legs
 
 

@@ -18,9 +18,9 @@ index patterns their input and output sit on, and in their memory layouts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Sequence
 
 from torch import Tensor
 from torch.nn import (
@@ -210,8 +210,9 @@ class LayerSpec:
         Returns:
             The patterns and their ``(k, o, i)`` legs.
         """
-        legs = [tuple(f"{leg}{suffix}" for leg in triple) for triple in
-                self.pattern_legs()]
+        legs = [
+            tuple(f"{leg}{suffix}" for leg in triple) for triple in self.pattern_legs()
+        ]
         return list(self.patterns), legs
 
     # views
@@ -321,7 +322,7 @@ def conv_padding(module: Module, input_spatial: Sequence[int]) -> list[tuple[int
         return [(0, 0)] * dims
     if padding == "same":
         result = []
-        for k, d in zip(module.kernel_size, module.dilation):
+        for k, d in zip(module.kernel_size, module.dilation, strict=False):
             total = d * (k - 1)
             result.append((total // 2, total - total // 2))
         return result
@@ -340,6 +341,7 @@ def _from_conv(module: Module, input_shape: tuple, output_shape) -> LayerSpec:
             module.stride,
             conv_padding(module, spatial),
             module.dilation,
+            strict=False,
         )
     )
     return LayerSpec(
@@ -370,6 +372,7 @@ def _from_conv_transpose(module: Module, input_shape: tuple, output_shape) -> La
                 module.dilation,
                 module.kernel_size,
                 module.output_padding,
+                strict=False,
             )
         ]
     else:
@@ -382,6 +385,7 @@ def _from_conv_transpose(module: Module, input_shape: tuple, output_shape) -> La
             module.stride,
             module.padding,
             module.dilation,
+            strict=False,
         )
     )
     spec = LayerSpec(

@@ -12,7 +12,7 @@ from backpack_tn.expressions.layer_spec import LayerSpec
 
 
 def tensor_network(spec: LayerSpec, x: Tensor) -> tuple[TensorNetwork, tuple[int, ...]]:
-    """Network of the unfolded input ``U[n, (c_in, k), o] = Σ_i x[n, c_in, i] Π[k, o, i]``.
+    """Network of the unfolded input ``U[n, (c, k), o] = Σ_i x[n, c, i] Π[k, o, i]``.
 
     Args:
         spec: Layer description.

@@ -30,7 +30,10 @@ def tensor_network(
 
 
 def einsum_expression(
-    spec: LayerSpec, x: Tensor, mat: Tensor, sum_batch: bool = True,
+    spec: LayerSpec,
+    x: Tensor,
+    mat: Tensor,
+    sum_batch: bool = True,
     simplify: bool = True,
 ) -> tuple[str, list[Tensor], tuple[int, ...]]:
     """Einsum expression of the weight GGN diagonal; see :func:`tensor_network`.

@@ -36,7 +36,10 @@ def tensor_network(
 
 
 def einsum_expression(
-    spec: LayerSpec, x: Tensor, mat: Tensor, sum_batch: bool = True,
+    spec: LayerSpec,
+    x: Tensor,
+    mat: Tensor,
+    sum_batch: bool = True,
     simplify: bool = True,
 ) -> tuple[str, list[Tensor], tuple[int, ...]]:
     """Einsum expression of ``J_W^T mat``; see :func:`tensor_network`.

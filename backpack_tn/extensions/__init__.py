@@ -36,9 +36,13 @@ __all__ = [
 
 
 def _tn_extension(stock_cls: type, kfac: bool = False) -> type:
-    """Subclass a stock extension so that it installs TN module extensions."""
+    """Subclass a stock extension so that it installs TN module extensions.
 
-    def __init__(self, *args, strategy: str = "auto", **kwargs):
+    Returns:
+        The subclass.
+    """
+
+    def __init__(self, *args, strategy: str = "auto", **kwargs):  # noqa: N807
         if kfac:
             approx = kwargs.pop("kfac_approx", "expand")
             if approx not in KFAC_APPROXIMATIONS:

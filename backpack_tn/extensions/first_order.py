@@ -21,7 +21,11 @@ PARAMS = ["bias", "weight"]
 
 
 def _bias_per_sample(derivatives, module, g_out) -> Tensor:
-    """Per-sample bias gradients ``[N, C_out]``."""
+    """Per-sample bias gradients.
+
+    Returns:
+        Tensor of shape ``[N, C_out]``.
+    """
     return derivatives.param_mjp(
         "bias", module, None, g_out, g_out[0].unsqueeze(0), sum_batch=False
     )[0]

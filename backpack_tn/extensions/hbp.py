@@ -63,7 +63,11 @@ def kfac_approximation(ext) -> str:
 
 
 def _positions_last(spec: LayerSpec, sqrt: Tensor) -> Tensor:
-    """View ``[V, N, *out]`` as ``[V, N, G, C_out // G, R]``."""
+    """View a square root with positions last.
+
+    Returns:
+        ``[V, N, *out]`` as ``[V, N, G, C_out // G, R]``.
+    """
     if spec.kind == "linear":
         sqrt = sqrt.reshape(*sqrt.shape[:2], -1, sqrt.shape[-1]).transpose(-1, -2)
     else:

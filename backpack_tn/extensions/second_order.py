@@ -17,7 +17,11 @@ from backpack_tn.extensions.first_order import PARAMS
 
 
 def _bias_diagonal(derivatives, module, sqrt: Tensor, sum_batch: bool) -> Tensor:
-    """``Σ_v (J_b^T sqrt)²``, summed over the batch if ``sum_batch``."""
+    """``Σ_v (J_b^T sqrt)²``, summed over the batch if ``sum_batch``.
+
+    Returns:
+        Tensor of shape ``[(N,) C_out]``.
+    """
     vjp = derivatives.param_mjp("bias", module, None, None, sqrt, sum_batch=False)
     squared = vjp.square().sum(0)
     return squared.sum(0) if sum_batch else squared
@@ -82,7 +86,9 @@ class DiagHessianTN(DiagHBaseModule):
 
     def _signed_sum(self, backproped, diagonal) -> Tensor:
         result = None
-        for sqrt, sign in zip(backproped["matrices"], backproped["signs"]):
+        for sqrt, sign in zip(
+            backproped["matrices"], backproped["signs"], strict=False
+        ):
             term = diagonal(sqrt) * sign
             result = term if result is None else result + term
         return result
