@@ -37,6 +37,9 @@ class IndexPattern:
         padding: Padding ``(P_left, P_right)``.
         dilation: Dilation ``D``.
         padding_mode: How padded positions are filled, one of ``PADDING_MODES``.
+        num_outputs: Keep only the first ``num_outputs`` output positions. A
+            transposed convolution with ``output_padding`` can have fewer inputs
+            than the convolution it transposes has outputs. ``None`` keeps all.
     """
 
     input_size: int
@@ -45,6 +48,7 @@ class IndexPattern:
     padding: tuple[int, int] = (0, 0)
     dilation: int = 1
     padding_mode: str = "zeros"
+    num_outputs: int | None = None
 
     def __post_init__(self):
         """Validate the hyper-parameters.
@@ -75,6 +79,12 @@ class IndexPattern:
                     f"padding_mode {self.padding_mode!r} needs padding <= {limit} for"
                     f" input size {self.input_size}, got {self.padding!r}."
                 )
+        natural = self._natural_output_size
+        if self.num_outputs is not None and not 1 <= self.num_outputs <= natural:
+            raise ValueError(
+                f"IndexPattern num_outputs must be in [1, {natural}], got"
+                f" {self.num_outputs!r}."
+            )
         if self.output_size < 1:
             raise ValueError(
                 f"IndexPattern {self} has no output positions: the dilated kernel"
@@ -88,10 +98,15 @@ class IndexPattern:
         return self.input_size + sum(self.padding)
 
     @property
-    def output_size(self) -> int:
-        """Number of output positions ``O``."""
+    def _natural_output_size(self) -> int:
         span = self.dilation * (self.kernel_size - 1) + 1
         return (self.padded_size - span) // self.stride + 1
+
+    @property
+    def output_size(self) -> int:
+        """Number of output positions ``O``."""
+        natural = self._natural_output_size
+        return natural if self.num_outputs is None else min(natural, self.num_outputs)
 
     @property
     def is_unpadded(self) -> bool:

@@ -197,7 +197,9 @@ def _lower_input_side(net: TensorNetwork, pos: int, holder: int):
     dim = legs.index(i)
     tensor = pad(tensor, dim, pattern)
     span = pattern.dilation * (pattern.kernel_size - 1) + 1
-    tensor = tensor.unfold(dim, span, pattern.stride)
+    tensor = tensor.unfold(dim, span, pattern.stride).narrow(
+        dim, 0, pattern.output_size
+    )
     if pattern.dilation > 1:
         tensor = tensor[..., :: pattern.dilation]
     legs[dim] = o

@@ -378,8 +378,9 @@ def _from_conv_transpose(module: Module, input_shape: tuple, output_shape) -> La
     else:
         output_spatial = list(output_shape[2:])
     patterns = tuple(
-        IndexPattern(o, k, s, (p, p), d)
-        for o, k, s, p, d in zip(
+        IndexPattern(o, k, s, (p, p), d, num_outputs=i)
+        for i, o, k, s, p, d in zip(
+            input_shape[2:],
             output_spatial,
             module.kernel_size,
             module.stride,

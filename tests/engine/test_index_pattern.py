@@ -74,3 +74,13 @@ def test_invalid_pattern_raises(kwargs, match):
     """Invalid hyper-parameters are rejected with a clear message."""
     with pytest.raises(ValueError, match=match):
         IndexPattern(**kwargs)
+
+
+def test_num_outputs_truncates():
+    """``num_outputs`` keeps the first output positions (transposed convolution)."""
+    full = IndexPattern(6, 2, dilation=2)
+    cut = IndexPattern(6, 2, dilation=2, num_outputs=3)
+    assert (full.output_size, cut.output_size) == (4, 3)
+    assert torch.equal(cut.index_map(), full.index_map()[:, :3])
+    with pytest.raises(ValueError, match=r"num_outputs must be in \[1, 4\]"):
+        IndexPattern(6, 2, dilation=2, num_outputs=5)
