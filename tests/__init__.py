@@ -1,0 +1,1 @@
+"""Tests for ``backpack_tn``, mirroring the package layout."""

@@ -1,0 +1,48 @@
+"""Fixtures shared by the tests: one per case family."""
+
+from collections.abc import Iterator
+
+from pytest import FixtureRequest, fixture
+
+from test_problems.cases import Problem, build_problem, with_device_marks
+from test_problems.cases_conv import CONV_CASES, CONV_IDS
+from test_problems.cases_linear import LINEAR_CASES, LINEAR_IDS
+
+
+@fixture(params=with_device_marks(LINEAR_CASES), ids=LINEAR_IDS)
+def linear_problem(request: FixtureRequest) -> Iterator[Problem]:
+    """Seed, build a ``Linear`` layer and its input, and run the forward pass.
+
+    Args:
+        request: Pytest request; ``request.param`` is an expanded linear case.
+
+    Yields:
+        The layer with ``input0``/``output`` stored, its input and tolerances.
+    """
+    yield build_problem(request.param)
+
+
+@fixture(params=with_device_marks(CONV_CASES), ids=CONV_IDS)
+def conv_problem(request: FixtureRequest) -> Iterator[Problem]:
+    """Seed, build a (transpose) convolution and its input, and run the forward pass.
+
+    Args:
+        request: Pytest request; ``request.param`` is an expanded convolution case.
+
+    Yields:
+        The layer with ``input0``/``output`` stored, its input and tolerances.
+    """
+    yield build_problem(request.param)
+
+
+@fixture(params=with_device_marks(LINEAR_CASES + CONV_CASES), ids=LINEAR_IDS + CONV_IDS)
+def layer_problem(request: FixtureRequest) -> Iterator[Problem]:
+    """Seed, build any layer of the linear and convolution families, run forward.
+
+    Args:
+        request: Pytest request; ``request.param`` is an expanded case.
+
+    Yields:
+        The layer with ``input0``/``output`` stored, its input and tolerances.
+    """
+    yield build_problem(request.param)

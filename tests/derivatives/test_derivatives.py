@@ -1,0 +1,347 @@
+"""Compare the tensor-network derivatives with ``torch.func`` references.
+
+Every case of the linear and convolution families is run through every Jacobian
+product of BackPACK's public derivatives API, for every strategy in
+``backpack_tn.derivatives.STRATEGIES``. References do not depend on the strategy, so
+the random vectors and their references are computed once per case and product.
+"""
+
+import re
+from collections.abc import Callable
+
+from pytest import FixtureRequest, fixture, mark, raises, skip
+from torch import Tensor, randn
+
+from backpack_tn.derivatives import STRATEGIES
+from test_problems import references
+from test_problems.cases import Problem
+from test_problems.compare import assert_allclose_report
+from test_problems.registry import (
+    TN_DERIVATIVES,
+    tn_derivatives_class,
+    weight_vjp_unsupported,
+)
+
+NUM_VECTORS = [1, 3]
+SUBSAMPLINGS = [None, "first_last"]
+SUM_BATCH = [True, False]
+PARAMS = ["weight", "bias"]
+
+
+class ReferenceCache:
+    """Random vectors and their references for the current case.
+
+    Tests run case by case, so only the entries of the latest case are kept.
+    """
+
+    def __init__(self):
+        """Start empty."""
+        self.case_id: str | None = None
+        self.entries: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def get(
+        self,
+        problem: Problem,
+        key: tuple,
+        compute: Callable[[], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """Return the cached ``(mat, expected)`` of a product, computing it once.
+
+        Args:
+            problem: Layer problem.
+            key: Product name and variant.
+            compute: Draws the vectors and computes the reference.
+
+        Returns:
+            The vectors and the reference result.
+        """
+        if problem.case_id != self.case_id:
+            self.case_id, self.entries = problem.case_id, {}
+        if key not in self.entries:
+            self.entries[key] = compute()
+        return self.entries[key]
+
+
+CACHE = ReferenceCache()
+
+
+@fixture(params=STRATEGIES)
+def strategy(request: FixtureRequest) -> str:
+    """Strategy of the derivatives under test.
+
+    Args:
+        request: Pytest request; ``request.param`` is the strategy name.
+
+    Returns:
+        Strategy name.
+    """
+    return request.param
+
+
+def _tn_derivatives(problem: Problem, strategy: str):
+    """Build the tensor-network derivatives of the problem's layer.
+
+    Args:
+        problem: Layer problem.
+        strategy: Strategy name.
+
+    Returns:
+        Derivatives object of the class registered for the layer.
+    """
+    return tn_derivatives_class(type(problem.module))(strategy=strategy)
+
+
+def _randn(*shape: int, like: Tensor) -> Tensor:
+    """Draw a standard normal tensor on the CPU, then move it next to ``like``.
+
+    Args:
+        *shape: Shape of the result.
+        like: Tensor whose dtype and device the result gets.
+
+    Returns:
+        Random tensor of shape ``shape``.
+    """
+    return randn(*shape, dtype=like.dtype).to(like.device)
+
+
+def _subsampling(problem: Problem, subsampling: str | None) -> list[int] | None:
+    """Turn a sub-sampling variant into indices.
+
+    Args:
+        problem: Layer problem.
+        subsampling: ``None`` (all samples) or ``'first_last'``.
+
+    Returns:
+        ``None``, or the indices ``[0, N - 1]`` (``[0]`` if ``N = 1``).
+    """
+    if subsampling is None:
+        return None
+    n = problem.x.shape[0]
+    return [0, n - 1] if n > 1 else [0]
+
+
+def _randn_like_output(
+    problem: Problem, num_vectors: int, subsampling: list[int] | None
+) -> Tensor:
+    """Draw random vectors shaped like the (sub-sampled) layer output.
+
+    Args:
+        problem: Layer problem.
+        num_vectors: Number of vectors ``V``.
+        subsampling: Indices of active samples, or ``None`` for all.
+
+    Returns:
+        Tensor of shape ``[V, N, *out]``; ``N`` becomes ``len(subsampling)`` when
+        sub-sampling.
+    """
+    output = problem.module.output
+    output = output if subsampling is None else output[subsampling]
+    return _randn(num_vectors, *output.shape, like=output)
+
+
+def _skip_if_no_param(problem: Problem, param: str) -> None:
+    """Skip the test if the layer lacks the parameter.
+
+    Args:
+        problem: Layer problem.
+        param: Parameter name.
+    """
+    if getattr(problem.module, param) is None:
+        skip(f"{type(problem.module).__name__} has no {param}.")
+
+
+@mark.parametrize("num_vectors", NUM_VECTORS, ids=lambda v: f"V={v}")
+def test_jac_mat_prod(layer_problem: Problem, strategy: str, num_vectors: int):
+    """Input Jacobian applied to ``[V, N, *in]``.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: Strategy name.
+        num_vectors: Number of vectors ``V``.
+    """
+    module, x = layer_problem.module, layer_problem.x
+
+    def compute() -> tuple[Tensor, Tensor]:
+        mat = _randn(num_vectors, *x.shape, like=x)
+        return mat, references.jac_mat_prod(module, x, mat)
+
+    mat, expected = CACHE.get(layer_problem, ("jac_mat_prod", num_vectors), compute)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+
+    result = derivatives.jac_mat_prod(module, None, None, mat.clone())
+    assert_allclose_report(result, expected, name="jac_mat_prod", **layer_problem.tols)
+
+
+@mark.parametrize("subsampling", SUBSAMPLINGS, ids=lambda s: f"sub={s}")
+@mark.parametrize("num_vectors", NUM_VECTORS, ids=lambda v: f"V={v}")
+def test_jac_t_mat_prod(
+    layer_problem: Problem, strategy: str, num_vectors: int, subsampling: str | None
+):
+    """Transposed input Jacobian applied to ``[V, N, *out]``.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: Strategy name.
+        num_vectors: Number of vectors ``V``.
+        subsampling: Sub-sampling variant.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    indices = _subsampling(layer_problem, subsampling)
+
+    def compute() -> tuple[Tensor, Tensor]:
+        mat = _randn_like_output(layer_problem, num_vectors, indices)
+        return mat, references.jac_t_mat_prod(module, x, mat, subsampling=indices)
+
+    key = ("jac_t_mat_prod", num_vectors, subsampling)
+    mat, expected = CACHE.get(layer_problem, key, compute)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+
+    result = derivatives.jac_t_mat_prod(
+        module, None, None, mat.clone(), subsampling=indices
+    )
+    assert_allclose_report(
+        result, expected, name="jac_t_mat_prod", **layer_problem.tols
+    )
+
+
+@mark.parametrize("param", PARAMS)
+@mark.parametrize("num_vectors", NUM_VECTORS, ids=lambda v: f"V={v}")
+def test_param_jac_mat_prod(
+    layer_problem: Problem, strategy: str, num_vectors: int, param: str
+):
+    """Parameter Jacobian applied to ``[V, *param.shape]``.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: Strategy name.
+        num_vectors: Number of vectors ``V``.
+        param: Parameter name.
+    """
+    _skip_if_no_param(layer_problem, param)
+    module, x = layer_problem.module, layer_problem.x
+    value = getattr(module, param)
+
+    def compute() -> tuple[Tensor, Tensor]:
+        mat = _randn(num_vectors, *value.shape, like=value)
+        return mat, references.PARAM_JAC_MAT_PROD[param](module, x, mat)
+
+    key = (f"{param}_jac_mat_prod", num_vectors)
+    mat, expected = CACHE.get(layer_problem, key, compute)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+
+    jac_mat_prod = getattr(derivatives, f"{param}_jac_mat_prod")
+    result = jac_mat_prod(module, None, None, mat.clone())
+    assert_allclose_report(
+        result, expected, name=f"{param}_jac_mat_prod", **layer_problem.tols
+    )
+
+
+@mark.parametrize("subsampling", SUBSAMPLINGS, ids=lambda s: f"sub={s}")
+@mark.parametrize("sum_batch", SUM_BATCH, ids=lambda s: f"sum_batch={s}")
+@mark.parametrize("param", PARAMS)
+@mark.parametrize("num_vectors", NUM_VECTORS, ids=lambda v: f"V={v}")
+def test_param_mjp(
+    layer_problem: Problem,
+    strategy: str,
+    num_vectors: int,
+    param: str,
+    sum_batch: bool,
+    subsampling: str | None,
+):
+    """Transposed parameter Jacobian applied to ``[V, N, *out]`` via ``param_mjp``.
+
+    Where the strategy does not support the layer's weight VJP, checks that it
+    raises ``NotImplementedError`` naming the strategy.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: Strategy name.
+        num_vectors: Number of vectors ``V``.
+        param: Parameter name.
+        sum_batch: Whether to sum over the batch.
+        subsampling: Sub-sampling variant.
+    """
+    _skip_if_no_param(layer_problem, param)
+    module, x = layer_problem.module, layer_problem.x
+    indices = _subsampling(layer_problem, subsampling)
+
+    def compute() -> tuple[Tensor, Tensor]:
+        mat = _randn_like_output(layer_problem, num_vectors, indices)
+        return mat, references.PARAM_JAC_T_MAT_PROD[param](
+            module, x, mat, sum_batch=sum_batch, subsampling=indices
+        )
+
+    key = ("param_mjp", param, num_vectors, sum_batch, subsampling)
+    mat, expected = CACHE.get(layer_problem, key, compute)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+
+    def param_mjp() -> Tensor:
+        return derivatives.param_mjp(
+            param,
+            module,
+            None,
+            None,
+            mat.clone(),
+            sum_batch=sum_batch,
+            subsampling=indices,
+        )
+
+    if param == "weight" and weight_vjp_unsupported(module, strategy):
+        with raises(NotImplementedError, match=re.escape(repr(strategy))):
+            param_mjp()
+        return
+
+    assert_allclose_report(
+        param_mjp(), expected, name=f"param_mjp({param!r})", **layer_problem.tols
+    )
+
+
+def test_ea_jac_t_mat_jac_prod(layer_problem: Problem, strategy: str):
+    """Expectation ``1/N sum_n J_nᵀ mat J_n`` with a ``[F_out, F_out]`` matrix.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: Strategy name.
+    """
+    module, x = layer_problem.module, layer_problem.x
+
+    def compute() -> tuple[Tensor, Tensor]:
+        out_features = module.output[0].numel()
+        mat = _randn(out_features, out_features, like=x)
+        return mat, references.ea_jac_t_mat_jac_prod(module, x, mat)
+
+    mat, expected = CACHE.get(layer_problem, ("ea_jac_t_mat_jac_prod",), compute)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+
+    result = derivatives.ea_jac_t_mat_jac_prod(module, None, None, mat.clone())
+    assert_allclose_report(
+        result, expected, name="ea_jac_t_mat_jac_prod", **layer_problem.tols
+    )
+
+
+def test_get_unfolded_input(conv_problem: Problem, strategy: str):
+    """Unfolded input ``[N, C_in * prod(K), prod(O)]`` of (transpose) convolutions.
+
+    Args:
+        conv_problem: Convolution problem.
+        strategy: Strategy name.
+    """
+    module, x = conv_problem.module, conv_problem.x
+    derivatives = _tn_derivatives(conv_problem, strategy)
+
+    result = derivatives.get_unfolded_input(module)
+    expected = references.unfolded_input(module, x)
+    assert_allclose_report(
+        result, expected, name="get_unfolded_input", **conv_problem.tols
+    )
+
+
+@mark.parametrize("layer_type", TN_DERIVATIVES, ids=lambda t: t.__name__)
+def test_unknown_strategy_raises(layer_type: type):
+    """Building derivatives with an unknown strategy raises and names it.
+
+    Args:
+        layer_type: Layer class.
+    """
+    with raises(ValueError, match="'no_such_strategy'"):
+        tn_derivatives_class(layer_type)(strategy="no_such_strategy")
