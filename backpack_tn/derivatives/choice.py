@@ -6,13 +6,19 @@
   use PyTorch's convolution kernels; for Linear the network is a single GEMM.
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
-  a strided view and one batched GEMM. Otherwise convolution kernels batched by
-  ``vmap`` (per-sample gradients as in ``vmap(grad)``) win over a dense pattern.
+  a strided view and one batched GEMM. Otherwise a dense pattern loses to
+  convolution kernels: a same-order grouped convolution for depthwise layers, the
+  higher-order convolution of Rochette et al. for Conv1d/2d with one vector
+  (it repeats the input for every vector), and ``vmap``-batched
+  kernels (as ``vmap(grad)``) where neither applies (Conv3d, padding modes,
+  uneven ``'same'`` padding, transposed convolutions).
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
-  single network that never forms per-sample VJPs against squaring them (formed
-  by a strided view and one GEMM, as stock BackPACK's unfold route does).
-- Kronecker input factors compare the FLOPs of the simplified network (dense
-  patterns) and the lowered one (strided views, unfold + GEMM for KFAC-expand).
+  single network that never forms per-sample VJPs against forming them; in the
+  latter case the VJPs are evaluated as above, then squared.
+- The KFAC-expand input factor is the Gram matrix of the unfolded input: a strided
+  view, one copy and one GEMM. KFAC-reduce sums over positions inside the network
+  with dense patterns while those are small, and over strided views otherwise
+  (e.g. long Conv1d signals, whose patterns are almost empty).
 
 With :func:`set_autotune`, ``auto`` instead times every candidate once per
 configuration and keeps the fastest (like cuDNN's benchmark mode).
@@ -37,8 +43,6 @@ from backpack_tn.derivatives.implementations import (
 )
 from backpack_tn.engine.network import flops
 from backpack_tn.expressions import (
-    kfac_expand,
-    kfac_reduce,
     weight_batch_l2,
     weight_diag_ggn,
     weight_jac_t_mat_prod,
@@ -132,11 +136,34 @@ def _kernel_or_tn(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     return "kernel", "the product is a (transposed) convolution: use its kernel"
 
 
+def _stock_compatible(spec: LayerSpec) -> bool:
+    """Whether stock BackPACK's convolution-based weight VJPs apply to the layer.
+
+    Returns:
+        ``True`` for convolutions with even zero padding.
+    """
+    return spec.kind == "conv" and all(
+        p.padding_mode == "zeros" and p.padding[0] == p.padding[1]
+        for p in spec.patterns
+    )
+
+
 def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear":
         return "tn", "a Linear layer's network is a single GEMM"
     if _non_overlapping(spec):
         return "tn", "all index patterns are non-overlapping: a view and one GEMM"
+    if _stock_compatible(spec):
+        if spec.in_channels == spec.groups:
+            return "same_conv", (
+                "depthwise-like (one input channel per group): one grouped"
+                " convolution of the same order"
+            )
+        if len(spec.patterns) < 3 and tensors["mat"].shape[0] == 1:
+            return "higher_conv", (
+                "overlapping patterns, one vector: one grouped convolution of one"
+                " order higher (Rochette et al., 2019)"
+            )
     return "kernel", "overlapping patterns: vmap-batched convolution kernels"
 
 
@@ -162,7 +189,9 @@ def _cheaper_squared(
     vjp, _ = weight_jac_t_mat_prod.tensor_network(
         spec, tensors["x"], tensors["mat"], False
     )
-    single, via_vjp = flops(prepare(net, strategy)), flops(prepare(vjp, strategy))
+    # forming VJPs costs about as much as the lowered (GEMM-like) network
+    single = flops(prepare(net, strategy))
+    via_vjp = flops(prepare(vjp, "tn_lowered"))
     if single < via_vjp:
         return strategy, (
             f"one network without per-sample VJPs ({single:.2e} FLOPs) is cheaper"
@@ -176,30 +205,39 @@ def _cheaper_squared(
 
 def _squared_rule(op: str) -> Callable:
     def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-        # per-sample VJPs of overlapping patterns: unfold + GEMM, as stock BackPACK
-        base = "tn" if spec.kind == "linear" or _non_overlapping(spec) else "tn_lowered"
-        return _cheaper_squared(op, spec, base, tensors)
+        key, reason = _cheaper_squared(op, spec, "tn", tensors)
+        if key == "tn":
+            return key, reason
+        vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
+        return f"{vjp_key}{SQUARE}", f"{reason}; VJPs: {vjp_reason}"
 
     return rule
 
 
-def _kfac_rule(expression) -> Callable:
-    def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-        if spec.kind == "linear" or _non_overlapping(spec):
-            return "tn", "non-overlapping patterns become views"
-        net, _ = expression.tensor_network(spec, tensors["x"])
-        dense, lowered = flops(prepare(net, "tn")), flops(prepare(net, "tn_lowered"))
-        if lowered <= dense:
-            return "tn_lowered", (
-                f"strided views ({lowered:.2e} FLOPs) beat dense patterns"
-                f" ({dense:.2e} FLOPs)"
-            )
-        return "tn", (
-            f"dense patterns ({dense:.2e} FLOPs) beat strided views"
-            f" ({lowered:.2e} FLOPs)"
+def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+    if spec.kind == "linear":
+        return "tn", "a Linear layer's factor is a single GEMM"
+    return "tn_lowered", (
+        "the Gram matrix of the unfolded input: a strided view, one copy, one GEMM"
+    )
+
+
+#: Above this many entries of a dense pattern, strided views are cheaper.
+DENSE_PATTERN_LIMIT = 2**18
+
+
+def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+    if spec.kind == "linear" or _non_overlapping(spec):
+        return "tn", "non-overlapping patterns become views"
+    size = max(p.kernel_size * p.output_size * p.input_size for p in spec.patterns)
+    if size > DENSE_PATTERN_LIMIT:
+        return "tn_lowered", (
+            f"a dense pattern would have {size} entries: sum strided views instead"
         )
-
-    return rule
+    return "tn", (
+        f"small dense patterns ({size} entries) sum over positions before the"
+        " channels are touched"
+    )
 
 
 _RULES: dict[str, Callable] = {
@@ -210,8 +248,8 @@ _RULES: dict[str, Callable] = {
     "weight_diag_ggn": _squared_rule("weight_diag_ggn"),
     "weight_batch_l2": _squared_rule("weight_batch_l2"),
     "unfold_input": lambda spec, t: ("tn_lowered", "unfolding is a strided view"),
-    "kfac_expand": _kfac_rule(kfac_expand),
-    "kfac_reduce": _kfac_rule(kfac_reduce),
+    "kfac_expand": _kfac_expand_rule,
+    "kfac_reduce": _kfac_reduce_rule,
 }
 
 

@@ -30,6 +30,7 @@ from backpack.core.derivatives.convnd import weight_jac_t_save_memory
 from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
+from torch.nn import grad as conv_grad
 
 from backpack_tn.engine.network import TensorNetwork
 from backpack_tn.expressions import (
@@ -182,12 +183,62 @@ def _kernel_jac_mat_prod(module, spec, strategy, mat):
     return out.unflatten(0, mat.shape[:2])
 
 
+def has_even_zero_padding(module: Module, spec: LayerSpec) -> bool:
+    """Whether a layer pads with zeros, equally on both sides of every dimension.
+
+    PyTorch's convolution kernels (and stock BackPACK) take such padding directly.
+
+    Args:
+        module: The layer.
+        spec: Its description.
+
+    Returns:
+        ``True`` for zero padding with ``P_left = P_right`` everywhere.
+    """
+    even = all(p.padding[0] == p.padding[1] for p in spec.patterns)
+    return getattr(module, "padding_mode", "zeros") == "zeros" and even
+
+
+_CONV_INPUT_GRAD = {
+    1: conv_grad.conv1d_input,
+    2: conv_grad.conv2d_input,
+    3: conv_grad.conv3d_input,
+}
+_CONV = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}
+
+
 def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
-    f = layer_function(module, spec)
-    weight = module.weight.detach()
-    zeros = mat.new_zeros(mat.shape[0] * mat.shape[1], *spec.input_shape()[1:])
-    _, vjp_fn = vjp(lambda x: f(x, weight), zeros)
-    (result,) = vjp_fn(mat.flatten(0, 1))
+    flat, weight = mat.flatten(0, 1), module.weight.detach()
+    dims = len(spec.patterns)
+    if spec.kind == "linear":
+        result = flat @ weight
+    elif spec.kind == "conv" and has_even_zero_padding(module, spec):
+        result = _CONV_INPUT_GRAD[dims](
+            (flat.shape[0], *spec.input_shape()[1:]),
+            weight,
+            flat,
+            stride=module.stride,
+            padding=tuple(p.padding[0] for p in spec.patterns),
+            dilation=module.dilation,
+            groups=module.groups,
+        )
+    elif spec.kind == "conv_transpose":
+        result = _CONV[dims](
+            flat,
+            weight,
+            None,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+        )
+        for d, size in enumerate(spec.input_spatial):
+            result = result.narrow(2 + d, 0, size)
+    else:  # padding modes, uneven 'same': differentiate the layer's own forward
+        f = layer_function(module, spec)
+        zeros = flat.new_zeros(flat.shape[0], *spec.input_shape()[1:])
+        _, vjp_fn = vjp(lambda x: f(x, weight), zeros)
+        (result,) = vjp_fn(flat)
     return result.unflatten(0, mat.shape[:2])
 
 
@@ -275,8 +326,7 @@ def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
             f"Strategy {strategy!r} exists only for Conv1d/2d/3d, not {name}."
             f" {alternatives}"
         )
-    uneven = any(p.padding[0] != p.padding[1] for p in spec.patterns)
-    if module.padding_mode != "zeros" or uneven:
+    if not has_even_zero_padding(module, spec):
         raise NotImplementedError(
             f"Strategy {strategy!r} is stock BackPACK's and assumes even zero"
             f" padding; {name} has padding={module.padding!r},"
