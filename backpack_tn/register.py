@@ -78,8 +78,11 @@ def use_tn(extension: Extension, strategy: str = "auto") -> Extension:
         current = module_extensions.get(layer)
         if factory is not None and (current is None or _is_stock(current)):
             extension.set_module_extension(layer, factory(derivatives), overwrite=True)
-        elif current is not None and hasattr(current, "derivatives"):
-            current.derivatives = derivatives
+        elif current is not None:
+            # BatchGrad's base keeps them as ``_derivatives``, all others not
+            for attribute in ("derivatives", "_derivatives"):
+                if hasattr(current, attribute):
+                    setattr(current, attribute, derivatives)
     extension.tn_strategy = strategy
     return extension
 
