@@ -21,6 +21,7 @@ from backpack_tn.derivatives.choice import check_strategy, choose
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
 
+#: Flavours of the KFAC input factor.
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
@@ -327,7 +328,10 @@ class TNDerivativesMixin:
                 f"Unknown KFAC approximation {approx!r}."
                 f" Supported: {KFAC_APPROXIMATIONS}."
             )
-        return self._run(f"kfac_{approx}", module, self._spec(module), x=module.input0)
+        factor = self._run(
+            f"kfac_{approx}", module, self._spec(module), x=module.input0
+        )
+        return factor.contiguous()
 
     def forward(self, module: Module, x: Tensor) -> Tensor:
         """Evaluate the layer (with bias) through its tensor network.

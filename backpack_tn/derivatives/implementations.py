@@ -46,6 +46,7 @@ from backpack_tn.expressions import (
 )
 from backpack_tn.expressions.layer_spec import LayerSpec
 
+#: Strategies that evaluate the tensor network itself.
 TN_STRATEGIES = ("tn", "tn_unsimplified", "tn_lowered")
 
 #: Suffix of evaluations that square another strategy's per-sample weight VJPs.
@@ -282,6 +283,7 @@ def _per_sample_vjps(module, spec, strategy, x, mat):
     return WEIGHT_VJP[base](module, spec, base, x, mat, False)
 
 
+#: Stock BackPACK's weight-VJP methods, kept for comparison.
 STOCK_WEIGHT_VJP = ("same_conv", "higher_conv")
 
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+#: Supported ``padding_mode`` values.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 

@@ -36,6 +36,7 @@ from torch.nn import (
 
 from backpack_tn.engine.index_pattern import IndexPattern
 
+#: Kinds of layers a :class:`LayerSpec` describes.
 KINDS = ("linear", "conv", "conv_transpose")
 
 
@@ -415,6 +416,7 @@ _BUILDERS = {
     ConvTranspose3d: _from_conv_transpose,
 }
 
+#: Layer types with a tensor network.
 SUPPORTED_MODULES = tuple(_BUILDERS)
 
 

@@ -9,6 +9,8 @@ writes the same attributes. KFAC, KFLR and KFRA also take ``kfac_approx``
 
 from __future__ import annotations
 
+from inspect import cleandoc
+
 from backpack import extensions as _stock
 
 from backpack_tn.derivatives.base import KFAC_APPROXIMATIONS
@@ -70,7 +72,9 @@ def _tn_extension(stock_cls: type, kfac: bool = False) -> type:
             "__doc__": (
                 f"Stock BackPACK's ``{stock_cls.__name__}`` with tensor-network"
                 f" derivatives for Linear, Conv and ConvTranspose layers.{extra}"
-                f"\n\n{stock_cls.__doc__ or ''}"
+                " Takes the stock class's arguments plus ``strategy``. The stock"
+                " class's documentation follows.\n\n"
+                + cleandoc(stock_cls.__doc__ or "")
             ),
         },
     )

@@ -23,8 +23,10 @@ Layout: ``weight`` gets ``[B, A]``, ``bias`` gets ``[B]``. With ``G > 1`` groups
 ``B`` has shape ``[G, C_out // G, C_out // G]`` and ``A`` has shape
 ``[G, C_in // G * prod(K), C_in // G * prod(K)]``: block ``g`` approximates the
 GGN of the weight rows of group ``g`` (``weight.reshape(G, C_out // G, -1)[g]``
-for convolutions) as ``kron(B[g], A[g])``. With ``G = 1`` the leading group axis is
-dropped, as in stock BackPACK.
+for convolutions, ``weight.reshape(G, C_in // G, C_out // G, -1)[g].transpose(0, 1)
+.flatten(1)`` for transposed convolutions, whose weight is ``[C_in, C_out // G, *K]``)
+as ``kron(B[g], A[g])``. With ``G = 1`` the leading group axis is dropped, as in
+stock BackPACK.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of backpack_tn.engine."""

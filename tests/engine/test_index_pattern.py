@@ -56,16 +56,21 @@ def test_dense_is_cached_and_cache_clears():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(input_size=0, kernel_size=1), "input_size must be a positive int"),
-        (dict(input_size=3, kernel_size=2, stride=0), "stride must be a positive"),
-        (dict(input_size=3, kernel_size=5), "has no output positions"),
-        (dict(input_size=3, kernel_size=1, padding=(1,)), "padding must be two"),
+        ({"input_size": 0, "kernel_size": 1}, "input_size must be a positive int"),
+        ({"input_size": 3, "kernel_size": 2, "stride": 0}, "stride must be a positive"),
+        ({"input_size": 3, "kernel_size": 5}, "has no output positions"),
+        ({"input_size": 3, "kernel_size": 1, "padding": (1,)}, "padding must be two"),
         (
-            dict(input_size=3, kernel_size=1, padding_mode="mirror"),
+            {"input_size": 3, "kernel_size": 1, "padding_mode": "mirror"},
             "Unsupported padding_mode 'mirror'",
         ),
         (
-            dict(input_size=3, kernel_size=1, padding=(3, 0), padding_mode="reflect"),
+            {
+                "input_size": 3,
+                "kernel_size": 1,
+                "padding": (3, 0),
+                "padding_mode": "reflect",
+            },
             "needs padding <= 2",
         ),
     ],

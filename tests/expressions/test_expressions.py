@@ -6,7 +6,7 @@ same tensor as its network contracted with output-side rewiring and full
 lowering. The input-side factors are also checked against their definitions.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -84,7 +84,11 @@ def test_simplified_equals_unsimplified(layer_problem: Problem, name: str):
 
 
 def _reference_factor(problem: Problem, approx: str) -> Tensor:
-    """Kronecker input factor from the reference unfolded input."""
+    """Kronecker input factor from the reference unfolded input.
+
+    Returns:
+        The factor of shape ``[G, C_in // G * prod(K)] * 2``.
+    """
     spec = spec_of(problem.module)
     unfolded = references.unfolded_input(problem.module, problem.x)
     unfolded = unfolded.unflatten(1, (spec.groups, -1))  # [N, G, B*K, R]
@@ -133,7 +137,7 @@ def test_linear_weight_sharing_factors():
             ValueError,
             "4 dimensions",
         ),
-        (lambda: torch.nn.ReLU(), (1, 2), NotImplementedError, "no tensor network"),
+        (torch.nn.ReLU, (1, 2), NotImplementedError, "no tensor network"),
     ],
 )
 def test_layer_spec_errors(module_fn, shape, error, match):
