@@ -1,0 +1,1 @@
+"""Tests of backpack_tn.extensions and backpack_tn.use_tn on small networks."""
