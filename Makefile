@@ -23,4 +23,4 @@ bench: ## Run the quick benchmark
 	python -m backpack_tn bench --quick
 
 docs: ## Build the documentation
-	mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
