@@ -14,6 +14,7 @@ from torch import Tensor
 
 from backpack_tn.expressions import (
     bias_jac_t_mat_prod,
+    fold_input,
     jac_mat_prod,
     jac_t_mat_prod,
     kfac_expand,
@@ -97,6 +98,22 @@ def _reference_factor(problem: Problem, approx: str) -> Tensor:
         mean = unfolded.mean(-1)
         return torch.einsum("ngi,ngj->gij", mean, mean) / n
     return torch.einsum("ngir,ngjr->gij", unfolded, unfolded) / n
+
+
+def test_fold_is_adjoint_of_unfold(conv_problem: Problem):
+    """<fold(U), x> = <U, unfold(x)> for random patches U."""
+    spec = spec_of(conv_problem.module)
+    x = conv_problem.x
+    torch.manual_seed(1)
+    patches = torch.randn(fold_input.unfolded_shape(spec, x.shape[0])).to(x)
+    for simplify in (False, True):
+        equation, operands, shape = unfold_input.einsum_expression(spec, x, simplify)
+        unfolded = torch.einsum(equation, *operands).reshape(shape)
+        net, shape = fold_input.tensor_network(spec, patches)
+        folded = net.simplify(lower_all=simplify).contract().reshape(shape)
+        assert_allclose_report(
+            (folded * x).sum(), (patches * unfolded).sum(), name="adjoint"
+        )
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
