@@ -29,6 +29,10 @@ EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
     "KFAC": (stock.KFAC, tn.KFAC),
     "KFAC-reduce": (None, lambda: tn.KFAC(kfac_approx="reduce")),
     "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
+    "BatchGrad+DiagGGNExact+KFAC": (
+        lambda: (stock.BatchGrad(), stock.DiagGGNExact(), stock.KFAC()),
+        lambda: (tn.BatchGrad(), tn.DiagGGNExact(), tn.KFAC()),
+    ),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Networks the main job runs on (sequential CNNs that BackPACK extends as they are).
@@ -42,7 +46,7 @@ class Outcome:
     Attributes:
         seconds: Wall time of forward + backward.
         peak_mib: Peak memory during the run, in MiB (``nan`` if unmeasurable).
-        values: The extension's quantity per parameter name.
+        values: The extensions' quantities per ``<parameter>.<savefield>``.
         error: Why the run failed, if it did.
     """
 
@@ -106,33 +110,35 @@ def run_extension(model, loss_fn, x, y, factory, seed: int) -> Outcome:
         loss_fn: Extended loss.
         x: Inputs.
         y: Targets.
-        factory: Builds the extension.
+        factory: Builds the extension (or a tuple of extensions for one pass).
         seed: Seed set before the pass (same MC samples for stock and TN).
 
     Returns:
         The outcome.
     """
-    extension = factory()
+    extensions = factory()
+    if not isinstance(extensions, tuple):
+        extensions = (extensions,)
     model.zero_grad()
     torch.manual_seed(seed)
     try:
         with _PeakMemory(x.device) as memory:
             start = time.perf_counter()
-            with backpack(extension):
+            with backpack(*extensions):
                 loss_fn(model(x), y).backward()
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
             seconds = time.perf_counter() - start
     except (NotImplementedError, RuntimeError, ValueError) as error:
         return Outcome(error=f"{type(error).__name__}: {error}".splitlines()[0])
-    values = {
-        name: getattr(p, extension.savefield)
-        for name, p in model.named_parameters()
-        if hasattr(p, extension.savefield)
-    }
-    for p in model.parameters():
-        if hasattr(p, extension.savefield):
-            delattr(p, extension.savefield)
+    values = {}
+    for extension in extensions:
+        for name, p in model.named_parameters():
+            if hasattr(p, extension.savefield):
+                values[f"{name}.{extension.savefield}"] = getattr(
+                    p, extension.savefield
+                )
+                delattr(p, extension.savefield)
     return Outcome(seconds, memory.peak_mib, values)
 
 

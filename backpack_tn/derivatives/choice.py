@@ -9,9 +9,10 @@
   a strided view and one batched GEMM. Otherwise a dense pattern loses to
   convolution kernels: a same-order grouped convolution for depthwise layers, the
   higher-order convolution of Rochette et al. for Conv1d/2d with one vector
-  (it repeats the input for every vector), and ``vmap``-batched
-  kernels (as ``vmap(grad)``) where neither applies (Conv3d, padding modes,
-  uneven ``'same'`` padding, transposed convolutions).
+  (it repeats the input for every vector), the network with its (small) dense
+  patterns for several vectors on 2d/3d layers, where its GEMMs over channels win,
+  and ``vmap``-batched kernels (as ``vmap(grad)``) otherwise (long Conv1d signals,
+  padding modes, uneven ``'same'`` padding, transposed convolutions).
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
   single network that never forms per-sample VJPs against forming them; in the
   latter case the VJPs are evaluated as above, then squared.
@@ -123,6 +124,9 @@ def choose(
     return _RULES[op](spec, tensors)
 
 
+#: Above this many entries of a dense pattern, strided views or kernels are cheaper.
+DENSE_PATTERN_LIMIT = 2**18
+
 _WEIGHT_VJP_OPS = ("weight_jac_t_mat_prod", "weight_diag_ggn", "weight_batch_l2")
 
 
@@ -148,21 +152,32 @@ def _stock_compatible(spec: LayerSpec) -> bool:
     )
 
 
+def _largest_pattern(spec: LayerSpec) -> int:
+    return max(p.kernel_size * p.output_size * p.input_size for p in spec.patterns)
+
+
 def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear":
         return "tn", "a Linear layer's network is a single GEMM"
     if _non_overlapping(spec):
         return "tn", "all index patterns are non-overlapping: a view and one GEMM"
-    if _stock_compatible(spec):
-        if spec.in_channels == spec.groups:
-            return "same_conv", (
-                "depthwise-like (one input channel per group): one grouped"
-                " convolution of the same order"
-            )
-        if len(spec.patterns) < 3 and tensors["mat"].shape[0] == 1:
-            return "higher_conv", (
-                "overlapping patterns, one vector: one grouped convolution of one"
-                " order higher (Rochette et al., 2019)"
+    vectors = tensors["mat"].shape[0]
+    if _stock_compatible(spec) and spec.in_channels == spec.groups:
+        return "same_conv", (
+            "depthwise-like (one input channel per group): one grouped convolution"
+            " of the same order"
+        )
+    if vectors == 1 and _stock_compatible(spec) and len(spec.patterns) < 3:
+        return "higher_conv", (
+            "overlapping patterns, one vector: one grouped convolution of one order"
+            " higher (Rochette et al., 2019)"
+        )
+    if vectors > 1 and len(spec.patterns) > 1:
+        size = _largest_pattern(spec)
+        if size <= DENSE_PATTERN_LIMIT:
+            return "tn", (
+                f"{vectors} vectors and small dense patterns ({size} entries): the"
+                " network's GEMMs over channels beat batched convolutions"
             )
     return "kernel", "overlapping patterns: vmap-batched convolution kernels"
 
@@ -222,14 +237,10 @@ def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     )
 
 
-#: Above this many entries of a dense pattern, strided views are cheaper.
-DENSE_PATTERN_LIMIT = 2**18
-
-
 def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear" or _non_overlapping(spec):
         return "tn", "non-overlapping patterns become views"
-    size = max(p.kernel_size * p.output_size * p.input_size for p in spec.patterns)
+    size = _largest_pattern(spec)
     if size > DENSE_PATTERN_LIMIT:
         return "tn_lowered", (
             f"a dense pattern would have {size} entries: sum strided views instead"
