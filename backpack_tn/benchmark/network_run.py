@@ -28,11 +28,14 @@ EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
     "DiagGGNExact": (stock.DiagGGNExact, tn.DiagGGNExact),
     "KFAC": (stock.KFAC, tn.KFAC),
     "KFAC-reduce": (None, lambda: tn.KFAC(kfac_approx="reduce")),
-    "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
     "BatchGrad+DiagGGNExact+KFAC": (
         lambda: (stock.BatchGrad(), stock.DiagGGNExact(), stock.KFAC()),
         lambda: (tn.BatchGrad(), tn.DiagGGNExact(), tn.KFAC()),
     ),
+    # last: on CUDA, stock BackPACK's grouped convolutions for many classes can hit
+    # an illegal memory access (seen on an H200 at batch size 32), which leaves the
+    # CUDA context unusable for the rows after it
+    "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Networks the main job runs on (sequential CNNs that BackPACK extends as they are).
