@@ -21,6 +21,10 @@
   with dense patterns while those are small, and over strided views otherwise
   (e.g. long Conv1d signals, whose patterns are almost empty).
 
+On GPU, where these layers' products take well under a millisecond and kernel
+launches dominate, overlapping patterns are always lowered to strided views
+(one copy, one batched GEMM).
+
 With :func:`set_autotune`, ``auto`` instead times every candidate once per
 configuration and keeps the fastest (like cuDNN's benchmark mode).
 """
@@ -156,11 +160,20 @@ def _largest_pattern(spec: LayerSpec) -> int:
     return max(p.kernel_size * p.output_size * p.input_size for p in spec.patterns)
 
 
+def _on_gpu(tensors: dict) -> bool:
+    return any(isinstance(t, Tensor) and t.is_cuda for t in tensors.values())
+
+
 def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear":
         return "tn", "a Linear layer's network is a single GEMM"
     if _non_overlapping(spec):
         return "tn", "all index patterns are non-overlapping: a view and one GEMM"
+    if _on_gpu(tensors):
+        return "tn_lowered", (
+            "on GPU, a strided view, one copy and one batched GEMM need the fewest"
+            " kernel launches"
+        )
     vectors = tensors["mat"].shape[0]
     if _stock_compatible(spec) and spec.in_channels == spec.groups:
         return "same_conv", (
@@ -240,6 +253,8 @@ def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear" or _non_overlapping(spec):
         return "tn", "non-overlapping patterns become views"
+    if _on_gpu(tensors):
+        return "tn_lowered", "on GPU, summing strided views needs the fewest launches"
     size = _largest_pattern(spec)
     if size > DENSE_PATTERN_LIMIT:
         return "tn_lowered", (
