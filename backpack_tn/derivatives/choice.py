@@ -125,7 +125,29 @@ def choose(
         return key, f"{reason} (strategy {strategy!r} does not cover {op})"
     if _AUTOTUNE["enabled"]:
         return _autotuned(op, module, spec, tensors)
-    return _RULES[op](spec, tensors)
+    key = (op, spec, _signature(tensors))
+    if key not in _CHOSEN:
+        if len(_CHOSEN) >= MAX_CACHED_CHOICES:
+            _CHOSEN.clear()
+        _CHOSEN[key] = _RULES[op](spec, tensors)
+    return _CHOSEN[key]
+
+
+#: Bound on the number of cached ``auto`` decisions.
+MAX_CACHED_CHOICES = 4096
+_CHOSEN: dict[tuple, tuple[str, str]] = {}
+
+
+def _signature(tensors: dict) -> tuple:
+    """Shapes, dtypes and device types of the op's arguments (the cache key).
+
+    Returns:
+        A hashable summary of ``tensors``.
+    """
+    return tuple(
+        (k, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else (k, v)
+        for k, v in sorted(tensors.items())
+    )
 
 
 #: Above this many entries of a dense pattern, strided views or kernels are cheaper.
@@ -280,11 +302,7 @@ _RULES: dict[str, Callable] = {
 
 
 def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
-    shapes = tuple(
-        (k, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else (k, v)
-        for k, v in sorted(tensors.items())
-    )
-    key = (op, spec, shapes)
+    key = (op, spec, _signature(tensors))
     if key not in _TUNED:
         timings = {}
         for name, fn in IMPLEMENTATIONS[op].items():
