@@ -7,6 +7,7 @@ the default, :func:`optimizer` changes it inside a ``with`` block.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -128,6 +129,12 @@ def contract(
 ) -> Tensor:
     """Contract tensors with named legs.
 
+    Before the pairwise contractions, scalar operands are set aside (and multiply
+    the result at the end) and every leg that only one operand carries, and the
+    result does not, is summed out of that operand. Otherwise a pairwise step would
+    carry it along, e.g. sum over a pattern's output positions only after
+    multiplying with the input.
+
     Args:
         legs: Leg names of each operand.
         output: Leg names of the result.
@@ -137,12 +144,28 @@ def contract(
     Returns:
         The contraction, with one dimension per name in ``output``.
     """
-    equation = equation_from_legs(legs, output)
-    if len(operands) == 1:
-        return einsum(equation, operands[0])
-    shapes = tuple(tuple(op.shape) for op in operands)
-    expression = _expression(equation, shapes, optimize or get_optimizer())
-    return expression(*operands, backend="torch")
+    scale, kept_legs, kept = None, [], []
+    for op_legs, operand in zip(legs, operands, strict=True):
+        if operand.dim() == 0:
+            scale = operand if scale is None else scale * operand
+            continue
+        kept_legs.append(tuple(op_legs))
+        kept.append(operand)
+    counts = Counter(leg for op_legs in kept_legs for leg in op_legs)
+    counts.update(output)
+    for j, (op_legs, operand) in enumerate(zip(kept_legs, kept, strict=True)):
+        lonely = [d for d, leg in enumerate(op_legs) if counts[leg] == 1]
+        if lonely and len(kept) > 1:
+            kept[j] = operand.sum(lonely)
+            kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
+    equation = equation_from_legs(kept_legs, output)
+    if len(kept) == 1:
+        result = einsum(equation, kept[0])
+    else:
+        shapes = tuple(tuple(op.shape) for op in kept)
+        expression = _expression(equation, shapes, optimize or get_optimizer())
+        result = expression(*kept, backend="torch")
+    return result if scale is None else result * scale
 
 
 def clear_caches():
