@@ -2,8 +2,8 @@
 
 ``auto`` picks per layer configuration and op by a cost model:
 
-- Products that are plain (transposed) convolutions (input JVP/VJP, weight JVP)
-  use PyTorch's convolution kernels; for Linear the network is a single GEMM.
+- Products that are plain (transposed) convolutions or matrix multiplications
+  (input JVP/VJP, weight JVP) use PyTorch's kernels directly.
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM. Otherwise a dense pattern loses to
@@ -166,9 +166,9 @@ def _non_overlapping(spec: LayerSpec) -> bool:
     return all(p.is_non_overlapping for p in spec.patterns)
 
 
-def _kernel_or_tn(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
+def _kernel(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if spec.kind == "linear":
-        return "tn", "a Linear layer's network is a single GEMM"
+        return "kernel", "the product is one matrix multiplication"
     return "kernel", "the product is a (transposed) convolution: use its kernel"
 
 
@@ -306,9 +306,9 @@ def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 
 
 _RULES: dict[str, Callable] = {
-    "jac_mat_prod": _kernel_or_tn,
-    "jac_t_mat_prod": _kernel_or_tn,
-    "weight_jac_mat_prod": _kernel_or_tn,
+    "jac_mat_prod": _kernel,
+    "jac_t_mat_prod": _kernel,
+    "weight_jac_mat_prod": _kernel,
     "weight_jac_t_mat_prod": _weight_vjp_rule,
     "weight_diag_ggn": _squared_rule("weight_diag_ggn"),
     "weight_batch_l2": _squared_rule("weight_batch_l2"),
