@@ -25,3 +25,15 @@ def test_example(path: Path, capsys):
     """
     runpy.run_path(str(path), run_name="__main__")
     assert capsys.readouterr().out.strip(), f"{path.name} printed nothing."
+
+
+def test_readme_usage(capsys):
+    """The README's usage example runs and prints one line per parameter.
+
+    Args:
+        capsys: Pytest's capture of stdout and stderr.
+    """
+    readme = (EXAMPLES_DIR.parent.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
