@@ -22,7 +22,6 @@ that show stock BackPACK's answer differs from the reference while backpack_tn's
 matches (an expected failure where backpack_tn inherits the defect).
 """
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -51,7 +50,7 @@ from torch.nn import (
     Tanh,
 )
 
-from test_problems.cases import CONV_TRANSPOSE_TYPES, CONV_TYPES, DEVICES, DTYPES
+from test_problems.cases import CONV_TRANSPOSE_TYPES, CONV_TYPES, expand_cases
 
 NETWORK_REQUIRED_KEYS = frozenset(
     {"seed", "model_fn", "input_fn", "target_fn", "loss_fn", "id"}
@@ -371,40 +370,6 @@ def make_network_id(case: dict[str, Any], device: str, dtype: torch.dtype) -> st
     return f"{case['id']}-dev={device}-dtype={dtype_name}".replace(" ", "")
 
 
-def expand_network_cases(
-    cases: Sequence[dict[str, Any]],
-    devices: Sequence[str] = DEVICES,
-    dtypes: Sequence[torch.dtype] = DTYPES,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Check network cases and expand them over devices and dtypes.
-
-    Args:
-        cases: Network case dicts.
-        devices: Device names.
-        dtypes: Floating point dtypes.
-
-    Returns:
-        Expanded cases, each with the additional keys ``device``, ``dtype`` and
-        ``case_id`` (its test id), and the test ids.
-
-    Raises:
-        ValueError: If two expanded cases get the same id.
-    """
-    expanded, ids = [], []
-    for case in map(check_network_case, cases):
-        for device in devices:
-            for dtype in dtypes:
-                case_id = make_network_id(case, device, dtype)
-                expanded.append(
-                    {**case, "device": device, "dtype": dtype, "case_id": case_id}
-                )
-                ids.append(case_id)
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"Network case ids must be unique. Duplicates: {duplicates}.")
-    return expanded, ids
-
-
 def build_network(case: dict[str, Any]) -> Network:
     """Build the model, loss, input and target of an expanded network case.
 
@@ -429,7 +394,9 @@ def build_network(case: dict[str, Any]) -> Network:
     return Network(case["case_id"], model, loss_func, x, y, dict(case["tols"] or {}))
 
 
-NETWORK_CASES, NETWORK_IDS = expand_network_cases(NETWORK_BASE_CASES)
+NETWORK_CASES, NETWORK_IDS = expand_cases(
+    NETWORK_BASE_CASES, check=check_network_case, make_case_id=make_network_id
+)
 
 FIRST_ORDER = ("BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance")
 SECOND_ORDER = (

@@ -91,8 +91,9 @@ def test_equation_from_legs():
 
 
 def test_contract_presums_lonely_legs_and_keeps_diagonals():
-    """Legs of one operand are summed early; a leg repeated in one operand is a
-    diagonal, not a lonely leg; scalars multiply the result.
+    """Legs of one operand are summed early, repeated legs stay diagonals.
+
+    Scalars multiply the result.
     """
     torch.manual_seed(0)
     m, v, w = torch.randn(3, 3), torch.randn(4), torch.randn(4, 5)

@@ -23,7 +23,6 @@ from test_problems.networks import (
     NETWORK_BASE_CASES,
     build_network,
     check_network_case,
-    expand_network_cases,
 )
 from tests.extensions.utils import (
     EXTENSION_SETTINGS,
@@ -224,13 +223,6 @@ def test_check_network_case_rejects_typo_and_missing_key():
     missing = {k: v for k, v in case.items() if k != "target_fn"}
     with raises(ValueError, match=re.escape("Missing network case keys ['target_fn']")):
         check_network_case(missing)
-
-
-def test_expand_network_cases_rejects_duplicate_ids():
-    """Two network cases with the same id raise."""
-    case = NETWORK_BASE_CASES[0]
-    with raises(ValueError, match="Duplicates: .*mlp-relu-ce-mean-dev=cpu"):
-        expand_network_cases([case, case], devices=("cpu",))
 
 
 def test_reference_rejects_unknown_options():
