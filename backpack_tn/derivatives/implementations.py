@@ -30,8 +30,8 @@ from backpack.core.derivatives.convnd import weight_jac_t_save_memory
 from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
-from torch.nn import grad as conv_grad
 
+from backpack_tn.engine.index_pattern import IndexPattern
 from backpack_tn.engine.network import TensorNetwork
 from backpack_tn.expressions import (
     jac_mat_prod,
@@ -136,6 +136,27 @@ def _tn_kfac_reduce(module, spec, strategy, x):
 # kernel evaluations
 
 
+_CONV_TRANSPOSE = {
+    1: functional.conv_transpose1d,
+    2: functional.conv_transpose2d,
+    3: functional.conv_transpose3d,
+}
+
+
+def _unused_inputs(pattern: IndexPattern) -> int:
+    """Trailing input positions that no output reads (the VJP's output padding).
+
+    Returns:
+        ``I + P_left + P_right - (S * (O - 1) + D * (K - 1) + 1)``.
+    """
+    span = pattern.stride * (pattern.output_size - 1)
+    span += pattern.dilation * (pattern.kernel_size - 1) + 1
+    return pattern.padded_size - span
+
+
+_CONV = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}
+
+
 def layer_function(
     module: Module, spec: LayerSpec
 ) -> Callable[[Tensor, Tensor], Tensor]:
@@ -152,23 +173,13 @@ def layer_function(
         return functional.linear
     if spec.kind == "conv":
         return lambda x, weight: module._conv_forward(x, weight, None)
-    output_padding = []
-    for p in spec.patterns:
-        natural = (p.output_size - 1) * p.stride - p.padding[0] - p.padding[1]
-        natural += p.dilation * (p.kernel_size - 1) + 1
-        output_padding.append(p.input_size - natural)
-    transpose = {
-        1: functional.conv_transpose1d,
-        2: functional.conv_transpose2d,
-        3: functional.conv_transpose3d,
-    }[len(spec.patterns)]
     return partial(
         _conv_transpose,
-        transpose,
+        _CONV_TRANSPOSE[len(spec.patterns)],
         {
             "stride": module.stride,
             "padding": module.padding,
-            "output_padding": tuple(output_padding),
+            "output_padding": tuple(_unused_inputs(p) for p in spec.patterns),
             "groups": module.groups,
             "dilation": module.dilation,
         },
@@ -200,28 +211,22 @@ def has_even_zero_padding(module: Module, spec: LayerSpec) -> bool:
     return getattr(module, "padding_mode", "zeros") == "zeros" and even
 
 
-_CONV_INPUT_GRAD = {
-    1: conv_grad.conv1d_input,
-    2: conv_grad.conv2d_input,
-    3: conv_grad.conv3d_input,
-}
-_CONV = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}
-
-
 def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
     flat, weight = mat.flatten(0, 1), module.weight.detach()
     dims = len(spec.patterns)
     if spec.kind == "linear":
         result = flat @ weight
     elif spec.kind == "conv" and has_even_zero_padding(module, spec):
-        result = _CONV_INPUT_GRAD[dims](
-            (flat.shape[0], *spec.input_shape()[1:]),
-            weight,
+        # the transposed convolution, with the output padding that restores I
+        result = _CONV_TRANSPOSE[dims](
             flat,
+            weight,
+            None,
             stride=module.stride,
             padding=tuple(p.padding[0] for p in spec.patterns),
-            dilation=module.dilation,
+            output_padding=tuple(_unused_inputs(p) for p in spec.patterns),
             groups=module.groups,
+            dilation=module.dilation,
         )
     elif spec.kind == "conv_transpose":
         result = _CONV[dims](
