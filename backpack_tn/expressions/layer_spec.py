@@ -420,8 +420,27 @@ _BUILDERS = {
 SUPPORTED_MODULES = tuple(_BUILDERS)
 
 
+#: Module attributes that, with the shapes, determine a layer's description.
+HYPERPARAMETERS = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "output_padding",
+)
+#: Bound on the number of cached layer descriptions.
+MAX_CACHED_SPECS = 1024
+_SPECS: dict[tuple, LayerSpec] = {}
+
+
 def spec_of(module: Module) -> LayerSpec:
-    """Describe a layer from the quantities BackPACK stores on it.
+    """Describe a layer from the quantities BackPACK stores on it (cached).
 
     Args:
         module: A layer with ``input0`` and ``output`` set by BackPACK's hooks.
@@ -429,4 +448,16 @@ def spec_of(module: Module) -> LayerSpec:
     Returns:
         The layer description.
     """
-    return LayerSpec.from_module(module, module.input0.shape, module.output.shape)
+    key = (
+        type(module),
+        tuple(getattr(module, name, None) for name in HYPERPARAMETERS),
+        tuple(module.input0.shape),
+        tuple(module.output.shape),
+    )
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= MAX_CACHED_SPECS:
+            _SPECS.clear()
+        spec = LayerSpec.from_module(module, module.input0.shape, module.output.shape)
+        _SPECS[key] = spec
+    return spec
