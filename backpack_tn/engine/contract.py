@@ -159,8 +159,8 @@ def contract(
             kept[j] = operand.sum(lonely)
             kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
     equation = equation_from_legs(kept_legs, output)
-    if len(kept) == 1:
-        result = einsum(equation, kept[0])
+    if len(kept) <= 2:  # a single pairwise step: no path to find
+        result = einsum(equation, *kept)
     else:
         shapes = tuple(tuple(op.shape) for op in kept)
         expression = _expression(equation, shapes, optimize or get_optimizer())
