@@ -20,6 +20,11 @@ from backpack import extensions as stock
 from torch import nn
 
 from backpack_tn import extensions as tn
+from backpack_tn.benchmark.memory import (
+    can_measure_cpu,
+    cpu_extra_peak,
+    cuda_extra_peak,
+)
 from backpack_tn.benchmark.models import NETS
 
 #: name -> (stock factory or None, TN factory)
@@ -59,50 +64,18 @@ class Outcome:
     error: str = ""
 
 
-class _PeakMemory:
-    """Peak memory of a code block: CUDA allocator peak or the process's VmHWM."""
+def _extra_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory a call adds: CUDA allocator peak, or the process's VmHWM.
 
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-        else:
-            self.before = _reset_vm_hwm()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _read_status("VmHWM")
-        self.peak_mib = (
-            (peak - self.before) / 2**20 if self.before >= 0 else float("nan")
-        )
-
-
-def _read_status(field: str) -> int:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_vm_hwm() -> int:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return -1
-    return _read_status("VmRSS")
+    Returns:
+        MiB, or ``nan`` where the platform cannot measure it.
+    """
+    if device.type == "cuda":
+        return cuda_extra_peak(fn, device) / 2**20
+    if can_measure_cpu():
+        return cpu_extra_peak(fn) / 2**20
+    fn()
+    return float("nan")
 
 
 def run_extension(model, loss_fn, x, y, factory, seed: int) -> Outcome:
@@ -124,14 +97,18 @@ def run_extension(model, loss_fn, x, y, factory, seed: int) -> Outcome:
         extensions = (extensions,)
     model.zero_grad()
     torch.manual_seed(seed)
+    seconds = []
+
+    def one_pass():
+        start = time.perf_counter()
+        with backpack(*extensions):
+            loss_fn(model(x), y).backward()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds.append(time.perf_counter() - start)
+
     try:
-        with _PeakMemory(x.device) as memory:
-            start = time.perf_counter()
-            with backpack(*extensions):
-                loss_fn(model(x), y).backward()
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            seconds = time.perf_counter() - start
+        peak_mib = _extra_peak_mib(one_pass, x.device)
     except (NotImplementedError, RuntimeError, ValueError) as error:
         return Outcome(error=f"{type(error).__name__}: {error}".splitlines()[0])
     values = {}
@@ -142,7 +119,7 @@ def run_extension(model, loss_fn, x, y, factory, seed: int) -> Outcome:
                     p, extension.savefield
                 )
                 delattr(p, extension.savefield)
-    return Outcome(seconds, memory.peak_mib, values)
+    return Outcome(seconds[0], peak_mib, values)
 
 
 def max_relative_error(first: dict, second: dict) -> float:
