@@ -9,8 +9,9 @@
   a strided view and one batched GEMM. Otherwise a dense pattern loses to
   convolution kernels: a same-order grouped convolution for depthwise layers, the
   higher-order convolution of Rochette et al. for Conv1d/2d with one vector and
-  few input channels (it repeats the input for every vector), unfold + GEMM for
-  one vector and few output positions, the network with its (small) dense
+  few input channels (it repeats the input for every vector), the network with
+  its dense patterns for one vector and few output positions, the network with its
+  (small) dense
   patterns for several vectors on 2d/3d layers, where its GEMMs over channels win,
   and ``vmap``-batched kernels (as ``vmap(grad)``) otherwise (long Conv1d signals,
   padding modes, uneven ``'same'`` padding, transposed convolutions).
@@ -156,7 +157,7 @@ DENSE_PATTERN_LIMIT = 2**18
 
 #: Per-sample VJPs use the higher-order convolution up to this many input channels.
 FEW_CHANNELS = 8
-#: Per-sample VJPs use unfold + GEMM up to this many output positions.
+#: Per-sample VJPs use the dense-pattern network up to this many output positions.
 FEW_POSITIONS = 100
 
 _WEIGHT_VJP_OPS = ("weight_jac_t_mat_prod", "weight_diag_ggn", "weight_batch_l2")
@@ -220,9 +221,9 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
                 " convolution of one order higher (Rochette et al., 2019)"
             )
         if spec.num_positions <= FEW_POSITIONS:
-            return "tn_lowered", (
-                f"one vector, {spec.num_positions} output positions: a strided view,"
-                " one copy and one batched GEMM"
+            return "tn", (
+                f"one vector, {spec.num_positions} output positions: the network's"
+                " small dense patterns and GEMMs over channels"
             )
     if vectors > 1 and len(spec.patterns) > 1:
         size = _largest_pattern(spec)
