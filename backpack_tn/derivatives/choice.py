@@ -6,14 +6,13 @@
   (input JVP/VJP, weight JVP) use PyTorch's kernels directly.
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
-  a strided view and one batched GEMM. Otherwise a dense pattern loses to
-  convolution kernels: a same-order grouped convolution for depthwise layers, the
-  higher-order convolution of Rochette et al. for Conv1d/2d with one vector and
-  few input channels (it repeats the input for every vector), the network with
-  its dense patterns for one vector and few output positions, the network with its
-  (small) dense
-  patterns for several vectors on 2d/3d layers, where its GEMMs over channels win,
-  and ``vmap``-batched kernels (as ``vmap(grad)``) otherwise (long Conv1d signals,
+  a strided view and one batched GEMM. Otherwise, in this order: a same-order
+  grouped convolution for depthwise layers; for one vector, the higher-order
+  convolution of Rochette et al. (Conv1d/2d with few input channels; it repeats
+  the input for every vector) or the dense-pattern network (few output
+  positions); for several vectors on 2d/3d layers with small patterns, the
+  dense-pattern network, whose GEMMs over channels win; ``vmap``-batched
+  convolution kernels (as ``vmap(grad)``) for the rest (long Conv1d signals,
   padding modes, uneven ``'same'`` padding, transposed convolutions).
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
   single network that never forms per-sample VJPs against forming them; in the
