@@ -1,0 +1,95 @@
+"""Tests of ``backpack_tn.derivatives.choice``: what ``auto`` picks, and autotuning."""
+
+import pytest
+import torch
+from torch import nn
+
+from backpack_tn import set_autotune
+from backpack_tn.derivatives import Conv2DDerivativesTN, Conv3DDerivativesTN
+from test_problems import references
+from test_problems.compare import assert_allclose_report
+
+#: (layer, input shape, op, expected choice)
+RULE_CASES = [
+    (lambda: nn.Conv2d(4, 6, 2, stride=2), (2, 4, 8, 8), "weight_jac_t_mat_prod", "tn"),
+    (
+        lambda: nn.Conv2d(4, 4, 3, groups=4),
+        (2, 4, 8, 8),
+        "weight_jac_t_mat_prod",
+        "same_conv",
+    ),
+    (
+        lambda: nn.Conv2d(3, 6, 3),
+        (2, 3, 16, 16),
+        "weight_jac_t_mat_prod",
+        "higher_conv",
+    ),
+    (
+        lambda: nn.Conv2d(3, 6, 3, padding_mode="reflect", padding=1),
+        (2, 3, 16, 16),
+        "weight_jac_t_mat_prod",
+        "kernel",
+    ),
+    (lambda: nn.Conv2d(16, 6, 3), (2, 16, 6, 6), "weight_jac_t_mat_prod", "tn"),
+    (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "jac_t_mat_prod", "kernel"),
+    (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "kfac_expand", "tn_lowered"),
+    (lambda: nn.Conv1d(4, 6, 5), (2, 4, 1024), "kfac_reduce", "tn_lowered"),
+    (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "kfac_reduce", "tn"),
+]
+
+
+def _tensors(module, x, op):
+    module.input0, module.output = x, module(x).detach()
+    if op in ("kfac_expand", "kfac_reduce"):
+        return {"x": x}
+    mat = torch.randn(1, *module.output.shape)
+    if op == "jac_t_mat_prod":
+        return {"mat": mat}
+    return {"x": x, "mat": mat, "sum_batch": False}
+
+
+@pytest.mark.parametrize("module_fn, shape, op, expected", RULE_CASES)
+def test_auto_rules(module_fn, shape, op, expected):
+    """``explain`` names the evaluation the cost model picks, with a reason."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    key, reason = Conv2DDerivativesTN().explain(op, module, **_tensors(module, x, op))
+    assert key == expected, reason
+    assert reason
+
+
+def test_autotune_measures_and_stays_exact():
+    """With autotuning, ``auto`` measures the candidates and results stay exact."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = tensors["mat"].double()
+    derivatives = Conv2DDerivativesTN()
+    set_autotune(True)
+    try:
+        key, reason = derivatives.explain("weight_jac_t_mat_prod", module, **tensors)
+        assert "measured" in reason
+        actual = derivatives.param_mjp(
+            "weight", module, None, None, tensors["mat"], sum_batch=False
+        )
+    finally:
+        set_autotune(False)
+    expected = references.weight_jac_t_mat_prod(
+        module, x, tensors["mat"], sum_batch=False
+    )
+    assert_allclose_report(actual, expected, name=f"autotuned {key}")
+
+
+def test_unknown_strategy_and_unavailable_stock_route():
+    """Unknown strategies and stock routes that cannot apply raise clearly."""
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        Conv2DDerivativesTN(strategy="fast")
+    module = nn.Conv3d(2, 3, 2)
+    x = torch.randn(1, 2, 4, 4, 4)
+    module.input0, module.output = x, module(x).detach()
+    mat = torch.randn(1, *module.output.shape)
+    with pytest.raises(NotImplementedError, match="'higher_conv' needs a 4d"):
+        Conv3DDerivativesTN(strategy="higher_conv").param_mjp(
+            "weight", module, None, None, mat
+        )
