@@ -8,8 +8,8 @@
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM. Otherwise, in this order: a same-order
   grouped convolution for depthwise layers; for one vector, the higher-order
-  convolution of Rochette et al. (Conv1d/2d with few input channels; it repeats
-  the input for every vector) or the dense-pattern network (few output
+  convolution of Rochette et al. (Conv1d, and Conv2d with few input channels; it
+  repeats the input for every vector) or the dense-pattern network (few output
   positions); for several vectors on 2d/3d layers with small patterns, the
   dense-pattern network, whose GEMMs over channels win; ``vmap``-batched
   convolution kernels (as ``vmap(grad)``) for the rest (long Conv1d signals,
@@ -210,14 +210,12 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         )
     if vectors == 1:
         channels = spec.in_channels // spec.groups
-        if (
-            channels <= FEW_CHANNELS
-            and _stock_compatible(spec)
-            and len(spec.patterns) < 3
-        ):
+        few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
+        if few and _stock_compatible(spec) and len(spec.patterns) < 3:
             return "higher_conv", (
-                f"one vector, {channels} input channels per group: one grouped"
-                " convolution of one order higher (Rochette et al., 2019)"
+                f"one vector, {len(spec.patterns)}d with {channels} input channels per"
+                " group: one grouped convolution of one order higher (Rochette et"
+                " al., 2019)"
             )
         if spec.num_positions <= FEW_POSITIONS:
             return "tn", (
