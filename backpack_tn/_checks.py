@@ -49,3 +49,34 @@ def check_hooked(module: Module):
                 f"{type(module).__name__} has no {attr!r}: run a forward pass of the"
                 " model extended with backpack.extend(...), or set it by hand."
             )
+
+
+def check_mat_shape(
+    module: Module,
+    product: str,
+    mat: Tensor,
+    feature_shape: tuple[int, ...],
+    batch_size: int | None,
+):
+    """Raise if ``mat`` is not ``[V, N, *feature_shape]`` (or ``[N, *feature_shape]``).
+
+    Args:
+        module: The layer.
+        product: Name of the product, for the message.
+        mat: The matrix to multiply.
+        feature_shape: Expected trailing shape.
+        batch_size: Expected ``N``; ``None`` if ``mat`` has no batch dimension.
+
+    Raises:
+        ValueError: If the shape does not match.
+    """
+    leading = () if batch_size is None else (batch_size,)
+    trailing = tuple(mat.shape[-len(feature_shape) :]) if feature_shape else ()
+    vectors = mat.dim() - len(feature_shape) - len(leading)
+    batch_ok = batch_size is None or mat.shape[vectors] == batch_size
+    if vectors not in (0, 1) or trailing != tuple(feature_shape) or not batch_ok:
+        expected = ", ".join(str(d) for d in (*leading, *feature_shape))
+        raise ValueError(
+            f"{type(module).__name__}.{product}: mat has shape {list(mat.shape)},"
+            f" expected [V, {expected}] (or [{expected}] for one vector)."
+        )

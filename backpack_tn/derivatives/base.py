@@ -16,7 +16,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Module
 
-from backpack_tn._checks import check_hooked, check_like_weight
+from backpack_tn._checks import check_hooked, check_like_weight, check_mat_shape
 from backpack_tn.derivatives.choice import check_strategy, choose
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
@@ -70,6 +70,53 @@ class TNDerivativesMixin:
     def _spec(module: Module) -> LayerSpec:
         check_hooked(module)
         return spec_of(module)
+
+    # public products: validate, then BackPACK's own checks and dispatch
+
+    def jac_mat_prod(self, module, g_inp, g_out, mat):  # noqa: D102
+        check_hooked(module)
+        check_mat_shape(
+            module, "jac_mat_prod", mat, module.input0.shape[1:], module.input0.shape[0]
+        )
+        return super().jac_mat_prod(module, g_inp, g_out, mat)
+
+    def jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):  # noqa: D102
+        check_hooked(module)
+        n = module.output.shape[0] if subsampling is None else len(subsampling)
+        check_mat_shape(module, "jac_t_mat_prod", mat, module.output.shape[1:], n)
+        return super().jac_t_mat_prod(
+            module, g_inp, g_out, mat, subsampling=subsampling
+        )
+
+    def param_mjp(  # noqa: D102
+        self, param_str, module, g_inp, g_out, mat, sum_batch=True, subsampling=None
+    ):
+        check_hooked(module)
+        n = module.output.shape[0] if subsampling is None else len(subsampling)
+        check_mat_shape(module, "param_mjp", mat, module.output.shape[1:], n)
+        return super().param_mjp(
+            param_str,
+            module,
+            g_inp,
+            g_out,
+            mat,
+            sum_batch=sum_batch,
+            subsampling=subsampling,
+        )
+
+    def weight_jac_mat_prod(self, module, g_inp, g_out, mat):  # noqa: D102
+        check_hooked(module)
+        check_mat_shape(
+            module, "weight_jac_mat_prod", mat, tuple(module.weight.shape), None
+        )
+        return super().weight_jac_mat_prod(module, g_inp, g_out, mat)
+
+    def bias_jac_mat_prod(self, module, g_inp, g_out, mat):  # noqa: D102
+        check_hooked(module)
+        check_mat_shape(
+            module, "bias_jac_mat_prod", mat, tuple(module.bias.shape), None
+        )
+        return super().bias_jac_mat_prod(module, g_inp, g_out, mat)
 
     # products BackPACK calls
 
