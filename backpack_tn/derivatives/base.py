@@ -391,9 +391,4 @@ class TNDerivativesMixin:
             Output of shape ``[N, *output_shape[1:]]``.
         """
         spec = LayerSpec.from_module(module, x.shape)
-        out = self._run("jac_mat_prod", module, spec, mat=x.unsqueeze(0))[0]
-        if module.bias is None:
-            return out
-        shape = [1] * out.dim()
-        shape[-1 if spec.kind == "linear" else 1] = -1
-        return out + module.bias.reshape(shape)
+        return self._run("forward", module, spec, x=x)

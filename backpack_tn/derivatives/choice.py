@@ -304,6 +304,7 @@ def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 
 
 _RULES: dict[str, Callable] = {
+    "forward": _kernel,
     "jac_mat_prod": _kernel,
     "jac_t_mat_prod": _kernel,
     "weight_jac_mat_prod": _kernel,

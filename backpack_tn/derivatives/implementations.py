@@ -157,22 +157,20 @@ def _unused_inputs(pattern: IndexPattern) -> int:
 _CONV = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}
 
 
-def layer_function(
-    module: Module, spec: LayerSpec
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The layer without bias as a function of input and weight.
+def layer_function(module: Module, spec: LayerSpec) -> Callable[..., Tensor]:
+    """The layer as a function of input, weight and (optional) bias.
 
     Args:
         module: The layer.
         spec: Its description (gives the transposed convolution's output size).
 
     Returns:
-        ``f(x, weight)`` with ``x`` of shape ``[N, *input_shape[1:]]``.
+        ``f(x, weight, bias=None)`` with ``x`` of shape ``[N, *input_shape[1:]]``.
     """
     if spec.kind == "linear":
         return functional.linear
     if spec.kind == "conv":
-        return lambda x, weight: module._conv_forward(x, weight, None)
+        return partial(_conv, module)
     return partial(
         _conv_transpose,
         _CONV_TRANSPOSE[len(spec.patterns)],
@@ -186,8 +184,25 @@ def layer_function(
     )
 
 
-def _conv_transpose(transpose, kwargs, x, weight):
-    return transpose(x, weight, None, **kwargs)
+def _conv(module, x, weight, bias=None):
+    return module._conv_forward(x, weight, bias)
+
+
+def _conv_transpose(transpose, kwargs, x, weight, bias=None):
+    return transpose(x, weight, bias, **kwargs)
+
+
+def _kernel_forward(module, spec, strategy, x):
+    return layer_function(module, spec)(x, module.weight, module.bias)
+
+
+def _tn_forward(module, spec, strategy, x):
+    out = _tn_jac_mat_prod(module, spec, strategy, x.unsqueeze(0))[0]
+    if module.bias is None:
+        return out
+    shape = [1] * out.dim()
+    shape[-1 if spec.kind == "linear" else 1] = -1
+    return out + module.bias.reshape(shape)
 
 
 def _kernel_jac_mat_prod(module, spec, strategy, mat):
@@ -354,6 +369,10 @@ WEIGHT_VJP: dict[str, Callable] = {
 
 #: op -> strategy -> evaluation(module, spec, strategy, **tensors)
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    "forward": {
+        **dict.fromkeys(TN_STRATEGIES, _tn_forward),
+        "kernel": _kernel_forward,
+    },
     "jac_mat_prod": {
         **dict.fromkeys(TN_STRATEGIES, _tn_jac_mat_prod),
         "kernel": _kernel_jac_mat_prod,
