@@ -56,7 +56,7 @@ from backpack_tn.expressions import (
 from backpack_tn.expressions.layer_spec import LayerSpec
 
 #: Strategies a derivative class accepts.
-STRATEGIES = ("auto", *TN_STRATEGIES, "kernel", *STOCK_WEIGHT_VJP)
+STRATEGIES = ("auto", *TN_STRATEGIES, "kernel", "unfold", *STOCK_WEIGHT_VJP)
 
 _AUTOTUNE = {"enabled": False}
 _TUNED: dict[tuple, str] = {}
@@ -218,6 +218,11 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
                 " al., 2019)"
             )
         if spec.num_positions <= FEW_POSITIONS:
+            if len(spec.patterns) == 2:
+                return "unfold", (
+                    f"one vector, {spec.num_positions} output positions: PyTorch's"
+                    " im2col kernel and one batched GEMM"
+                )
             return "tn", (
                 f"one vector, {spec.num_positions} output positions: the network's"
                 " small dense patterns and GEMMs over channels"

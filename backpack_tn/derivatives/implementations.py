@@ -9,6 +9,8 @@ Strategies:
 - ``kernel``: PyTorch's convolution kernels through the layer's own forward
   function, batched with ``torch.func.vmap`` (per-sample gradients as in
   ``vmap(grad)``); correct for every padding mode since the layer's forward is used.
+- ``unfold``: weight VJPs of Conv2d as PyTorch's im2col kernel (``F.unfold``) and
+  one batched GEMM (the lowered network elsewhere); other products as ``auto``.
 - ``same_conv`` / ``higher_conv``: stock BackPACK's two convolution-based weight
   VJPs, kept for comparison (Conv1d/2d/3d and Conv1d/2d only, zero padding).
 
@@ -32,7 +34,7 @@ from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
 from backpack_tn.engine.index_pattern import IndexPattern
-from backpack_tn.engine.network import TensorNetwork
+from backpack_tn.engine.network import TensorNetwork, pad
 from backpack_tn.expressions import (
     jac_mat_prod,
     jac_t_mat_prod,
@@ -298,6 +300,33 @@ def _vjp_batch_l2(module, spec, strategy, x, mat):
     return vjps.square_().flatten(2).sum((0, 2))
 
 
+def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
+    """Weight VJP as PyTorch's im2col kernel (``F.unfold``) and one batched GEMM.
+
+    Only for Conv2d; other layers use the lowered network, which is the same
+    computation with a strided view in place of the im2col kernel. Padding of any
+    amount and mode is applied explicitly first.
+
+    Returns:
+        The weight VJP of shape ``[V, (N,) *weight_shape]``.
+    """
+    if spec.kind != "conv" or len(spec.patterns) != 2:
+        return _tn_weight_jac_t_mat_prod(module, spec, "tn_lowered", x, mat, sum_batch)
+    first, second = spec.patterns
+    padded = pad(pad(x, 2, first), 3, second)
+    unfolded = functional.unfold(
+        padded,
+        kernel_size=(first.kernel_size, second.kernel_size),
+        dilation=(first.dilation, second.dilation),
+        stride=(first.stride, second.stride),
+    ).unflatten(1, (spec.groups, -1))  # [N, G, B * K0 * K1, O0 * O1]
+    mat = mat.flatten(3).unflatten(2, (spec.groups, -1))  # [V, N, G, A, O0 * O1]
+    equation = "ngko,vngao->vgak" if sum_batch else "ngko,vngao->vngak"
+    result = torch.einsum(equation, unfolded, mat)
+    sizes = () if sum_batch else (x.shape[0],)
+    return result.reshape(mat.shape[0], *sizes, *spec.weight_shape)
+
+
 def _per_sample_vjps(module, spec, strategy, x, mat):
     base = strategy.removesuffix(SQUARE)
     return WEIGHT_VJP[base](module, spec, base, x, mat, False)
@@ -342,7 +371,7 @@ def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
             modes, uneven ``padding='same'``, or ``higher_conv`` on Conv3d.
     """
     name = type(module).__name__
-    alternatives = f"Use one of {('auto', *TN_STRATEGIES, 'kernel')}."
+    alternatives = f"Use one of {('auto', *TN_STRATEGIES, 'kernel', 'unfold')}."
     if spec.kind != "conv":
         raise NotImplementedError(
             f"Strategy {strategy!r} exists only for Conv1d/2d/3d, not {name}."
@@ -364,6 +393,7 @@ def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
 WEIGHT_VJP: dict[str, Callable] = {
     **dict.fromkeys(TN_STRATEGIES, _tn_weight_jac_t_mat_prod),
     "kernel": _kernel_weight_jac_t_mat_prod,
+    "unfold": _unfold_weight_jac_t_mat_prod,
     **dict.fromkeys(STOCK_WEIGHT_VJP, _stock_weight_jac_t_mat_prod),
 }
 
