@@ -36,7 +36,6 @@ REQUIRED_KEYS = frozenset({"seed", "module_fn", "input_fn"})
 OPTIONAL_KEYS = {"id": None, "tols": None}
 """Keys a case may have, with their defaults."""
 
-ALLOWED_KEYS = REQUIRED_KEYS | OPTIONAL_KEYS.keys()
 """Keys a case may have."""
 
 DEVICES = ("cpu", "cuda")
@@ -66,29 +65,50 @@ class Problem(NamedTuple):
     tols: dict[str, float]
 
 
+def check_keys(
+    case: dict[str, Any],
+    required: frozenset[str],
+    optional: dict[str, Any],
+    kind: str = "case",
+) -> dict[str, Any]:
+    """Check a case dict's keys against a family's sets and fill in the defaults.
+
+    Args:
+        case: Case dict.
+        required: Keys the case must have.
+        optional: Keys it may have, with their defaults.
+        kind: Name of the case family, for the messages.
+
+    Returns:
+        Copy of the case with every optional key present.
+
+    Raises:
+        ValueError: If the case has unknown keys or lacks required ones.
+    """
+    allowed = required | optional.keys()
+    unknown = case.keys() - allowed
+    if unknown:
+        raise ValueError(
+            f"Unknown {kind} keys {sorted(unknown)}. Allowed: {sorted(allowed)}."
+        )
+    missing = required - case.keys()
+    if missing:
+        raise ValueError(
+            f"Missing {kind} keys {sorted(missing)}. Required: {sorted(required)}."
+        )
+    return {**optional, **case}
+
+
 def check_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Check a case's keys and fill in the optional ones.
+    """Check a layer case's keys and fill in the optional ones.
 
     Args:
         case: Case dict.
 
     Returns:
-        Copy of the case with all keys in ``ALLOWED_KEYS``.
-
-    Raises:
-        ValueError: If the case has unknown keys or lacks required ones.
+        Copy of the case with all keys of ``REQUIRED_KEYS`` and ``OPTIONAL_KEYS``.
     """
-    unknown = case.keys() - ALLOWED_KEYS
-    if unknown:
-        raise ValueError(
-            f"Unknown case keys {sorted(unknown)}. Allowed: {sorted(ALLOWED_KEYS)}."
-        )
-    missing = REQUIRED_KEYS - case.keys()
-    if missing:
-        raise ValueError(
-            f"Missing case keys {sorted(missing)}. Required: {sorted(REQUIRED_KEYS)}."
-        )
-    return {**OPTIONAL_KEYS, **case}
+    return check_keys(case, REQUIRED_KEYS, OPTIONAL_KEYS)
 
 
 def _fmt(value: int | str | Sequence[int]) -> str:

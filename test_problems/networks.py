@@ -50,7 +50,12 @@ from torch.nn import (
     Tanh,
 )
 
-from test_problems.cases import CONV_TRANSPOSE_TYPES, CONV_TYPES, expand_cases
+from test_problems.cases import (
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
+    check_keys,
+    expand_cases,
+)
 
 NETWORK_REQUIRED_KEYS = frozenset(
     {"seed", "model_fn", "input_fn", "target_fn", "loss_fn", "id"}
@@ -60,7 +65,6 @@ NETWORK_REQUIRED_KEYS = frozenset(
 NETWORK_OPTIONAL_KEYS = {"tols": None}
 """Keys a network case may have, with their defaults."""
 
-NETWORK_ALLOWED_KEYS = NETWORK_REQUIRED_KEYS | NETWORK_OPTIONAL_KEYS.keys()
 """Keys a network case may have."""
 
 PARAM_LAYER_TYPES = (Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
@@ -335,24 +339,11 @@ def check_network_case(case: dict[str, Any]) -> dict[str, Any]:
         case: Network case dict.
 
     Returns:
-        Copy of the case with all keys in ``NETWORK_ALLOWED_KEYS``.
-
-    Raises:
-        ValueError: If the case has unknown keys or lacks required ones.
+        Copy of the case with every key of ``NETWORK_OPTIONAL_KEYS`` present.
     """
-    unknown = case.keys() - NETWORK_ALLOWED_KEYS
-    if unknown:
-        raise ValueError(
-            f"Unknown network case keys {sorted(unknown)}. Allowed: "
-            f"{sorted(NETWORK_ALLOWED_KEYS)}."
-        )
-    missing = NETWORK_REQUIRED_KEYS - case.keys()
-    if missing:
-        raise ValueError(
-            f"Missing network case keys {sorted(missing)}. Required: "
-            f"{sorted(NETWORK_REQUIRED_KEYS)}."
-        )
-    return {**NETWORK_OPTIONAL_KEYS, **case}
+    return check_keys(
+        case, NETWORK_REQUIRED_KEYS, NETWORK_OPTIONAL_KEYS, "network case"
+    )
 
 
 def make_network_id(case: dict[str, Any], device: str, dtype: torch.dtype) -> str:
