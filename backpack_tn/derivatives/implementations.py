@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from math import prod
 from types import SimpleNamespace
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
+from backpack_tn.engine.gram import gram
 from backpack_tn.engine.index_pattern import IndexPattern
 from backpack_tn.engine.network import TensorNetwork, pad
 from backpack_tn.expressions import (
@@ -46,6 +48,7 @@ from backpack_tn.expressions import (
     weight_jac_mat_prod,
     weight_jac_t_mat_prod,
 )
+from backpack_tn.expressions._build import input_operand
 from backpack_tn.expressions.layer_spec import LayerSpec
 
 #: Strategies that evaluate the tensor network itself.
@@ -123,12 +126,19 @@ def _tn_unfold_input(module, spec, strategy, x):
 
 
 def _tn_kfac_expand(module, spec, strategy, x):
-    if strategy == "tn_lowered" and spec.kind != "linear":
-        # one unfold, then one batched GEMM over (n, o)
-        unfolded = _tn_unfold_input(module, spec, "tn_lowered", x)
-        unfolded = unfolded.unflatten(1, (spec.groups, -1))
-        return torch.einsum("ngio,ngjo->gij", unfolded, unfolded) / x.shape[0]
-    return evaluate(*kfac_expand.tensor_network(spec, x), strategy)
+    if strategy != "tn_lowered":
+        return evaluate(*kfac_expand.tensor_network(spec, x), strategy)
+    # the Gram matrix of the unfolded input [G, C_in/G * K, N * O] (one copy)
+    if spec.kind == "linear":
+        unfolded = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
+    else:
+        operands, legs = input_operand(spec, x)
+        output = ("g", "b", *spec.kernel_legs(), "n", *spec.spatial_legs("out"))
+        net = TensorNetwork(operands, legs, output)
+        unfolded = net.simplify(lower_all=True).contract()
+        rows = spec.in_channels // spec.groups * prod(spec.kernel_size)
+        unfolded = unfolded.reshape(spec.groups, rows, -1)
+    return gram(unfolded).div_(x.shape[0]).reshape(kfac_expand.result_shape(spec))
 
 
 def _tn_kfac_reduce(module, spec, strategy, x):

@@ -33,8 +33,20 @@ def tensor_network(spec: LayerSpec, x: Tensor) -> tuple[TensorNetwork, tuple[int
         [(), *first_legs, *second_legs],
         ("g", "b", *spec.kernel_legs(), "b_", *spec.kernel_legs("_")),
     )
+    return net, result_shape(spec)
+
+
+def result_shape(spec: LayerSpec) -> tuple[int, int, int]:
+    """Shape of the KFAC-expand input factor.
+
+    Args:
+        spec: Layer description.
+
+    Returns:
+        ``(G, C_in // G * prod(K), C_in // G * prod(K))``.
+    """
     size = spec.in_channels // spec.groups * prod(spec.kernel_size)
-    return net, (spec.groups, size, size)
+    return spec.groups, size, size
 
 
 def einsum_expression(
