@@ -8,18 +8,21 @@
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM. Otherwise, in this order: a same-order
   grouped convolution for depthwise layers; for one vector, the higher-order
-  convolution of Rochette et al. (Conv1d, and Conv2d with few input channels; it
-  repeats the input for every vector) or the dense-pattern network (few output
-  positions); for several vectors on 2d/3d layers with small patterns, the
-  dense-pattern network, whose GEMMs over channels win; ``vmap``-batched
-  convolution kernels (as ``vmap(grad)``) for the rest (long Conv1d signals,
-  padding modes, uneven ``'same'`` padding, transposed convolutions).
+  convolution of Rochette et al. for few input channels (it repeats the input for
+  every vector; also for one vector on Conv1d); for one vector, the dense-pattern
+  network or im2col and one GEMM (few output positions); for several vectors on
+  2d/3d layers with fewer than ``MANY_POSITIONS`` output positions and small
+  patterns, the dense-pattern network, whose GEMMs over channels win;
+  ``vmap``-batched convolution kernels (as ``vmap(grad)``) for the rest (large
+  feature maps, long Conv1d signals, padding modes, uneven ``'same'`` padding,
+  transposed convolutions).
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
   single network that never forms per-sample VJPs against forming them; in the
   latter case the VJPs are evaluated as above, then squared.
 - The KFAC-expand input factor is the Gram matrix of the unfolded input: a strided
-  view, one copy and one GEMM. KFAC-reduce sums over positions inside the network
-  with dense patterns while those are small, and over strided views otherwise
+  view, one copy and GEMMs for the upper block triangle only (the factor is
+  symmetric; PyTorch has no ``syrk``). KFAC-reduce sums over positions inside the
+  network with dense patterns while those are small, and over strided views otherwise
   (e.g. long Conv1d signals, whose patterns are almost empty).
 
 On GPU, where these layers' products take well under a millisecond and kernel
@@ -158,6 +161,9 @@ DENSE_PATTERN_LIMIT = 2**18
 FEW_CHANNELS = 8
 #: Per-sample VJPs use the dense-pattern network up to this many output positions.
 FEW_POSITIONS = 100
+#: From this many output positions on, batched convolution kernels beat the
+#: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
+MANY_POSITIONS = 512
 
 _WEIGHT_VJP_OPS = ("weight_jac_t_mat_prod", "weight_diag_ggn", "weight_batch_l2")
 
@@ -208,32 +214,35 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             "depthwise-like (one input channel per group): one grouped convolution"
             " of the same order"
         )
-    if vectors == 1:
-        channels = spec.in_channels // spec.groups
-        few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
-        if few and _stock_compatible(spec) and len(spec.patterns) < 3:
-            return "higher_conv", (
-                f"one vector, {len(spec.patterns)}d with {channels} input channels per"
-                " group: one grouped convolution of one order higher (Rochette et"
-                " al., 2019)"
+    channels = spec.in_channels // spec.groups
+    few = channels <= FEW_CHANNELS or (vectors == 1 and len(spec.patterns) == 1)
+    if few and _stock_compatible(spec) and len(spec.patterns) < 3:
+        return "higher_conv", (
+            f"{vectors} vector(s), {len(spec.patterns)}d with {channels} input"
+            " channels per group: one grouped convolution of one order higher"
+            " (Rochette et al., 2019)"
+        )
+    if vectors == 1 and spec.num_positions <= FEW_POSITIONS:
+        if len(spec.patterns) == 2:
+            return "unfold", (
+                f"one vector, {spec.num_positions} output positions: PyTorch's"
+                " im2col kernel and one batched GEMM"
             )
-        if spec.num_positions <= FEW_POSITIONS:
-            if len(spec.patterns) == 2:
-                return "unfold", (
-                    f"one vector, {spec.num_positions} output positions: PyTorch's"
-                    " im2col kernel and one batched GEMM"
-                )
-            return "tn", (
-                f"one vector, {spec.num_positions} output positions: the network's"
-                " small dense patterns and GEMMs over channels"
-            )
-    if vectors > 1 and len(spec.patterns) > 1:
-        size = _largest_pattern(spec)
-        if size <= DENSE_PATTERN_LIMIT:
-            return "tn", (
-                f"{vectors} vectors and small dense patterns ({size} entries): the"
-                " network's GEMMs over channels beat batched convolutions"
-            )
+        return "tn", (
+            f"one vector, {spec.num_positions} output positions: the network's"
+            " small dense patterns and GEMMs over channels"
+        )
+    if (
+        vectors > 1
+        and len(spec.patterns) > 1
+        and spec.num_positions < MANY_POSITIONS
+        and _largest_pattern(spec) <= DENSE_PATTERN_LIMIT
+    ):
+        return "tn", (
+            f"{vectors} vectors, {spec.num_positions} output positions and small"
+            f" dense patterns ({_largest_pattern(spec)} entries): the network's"
+            " GEMMs over channels beat batched convolutions"
+        )
     return "kernel", "overlapping patterns: vmap-batched convolution kernels"
 
 
@@ -285,10 +294,13 @@ def _squared_rule(op: str) -> Callable:
 
 
 def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-    if spec.kind == "linear":
-        return "tn", "a Linear layer's factor is a single GEMM"
+    what = (
+        "input"
+        if spec.kind == "linear"
+        else "unfolded input (a strided view, one copy)"
+    )
     return "tn_lowered", (
-        "the Gram matrix of the unfolded input: a strided view, one copy, one GEMM"
+        f"the Gram matrix of the {what}: GEMMs for its upper block triangle only"
     )
 
 
