@@ -75,11 +75,11 @@ def test_network_validation():
 def test_optimizer_setting_and_path_cache():
     """The path optimiser is a setting; flops come from the cached path."""
     net = _conv_network(IndexPattern(8, 3), True)
-    assert contract.get_optimizer() == "dp"
+    assert contract.get_optimizer() == "dp-combo"
     with contract.optimizer("greedy"):
         assert contract.get_optimizer() == "greedy"
         assert_allclose_report(net.contract(), net.contract(optimize="dp"))
-    assert contract.get_optimizer() == "dp"
+    assert contract.get_optimizer() == "dp-combo"
     assert flops(net) > 0
     with pytest.raises(ValueError, match="Unsupported optimize 'fastest'"):
         contract.set_optimizer("fastest")
