@@ -15,17 +15,23 @@ from torch import Tensor
 MIN_BLOCK_ROWS = 128
 #: Largest number of block rows (more, smaller GEMMs lose efficiency).
 MAX_BLOCKS = 4
+#: Below this many columns the product is bound by writing the result, and the
+#: blocks' extra copies cost more than the FLOPs they save.
+MIN_COLUMNS = 128
 
 
-def num_blocks(rows: int) -> int:
-    """Number of block rows for a Gram matrix with ``rows`` rows.
+def num_blocks(rows: int, columns: int) -> int:
+    """Number of block rows for a Gram matrix of ``A`` with shape ``[rows, columns]``.
 
     Args:
         rows: Number of rows ``I`` of ``A``.
+        columns: Number of columns ``M`` of ``A``.
 
     Returns:
         Between 1 and ``MAX_BLOCKS``.
     """
+    if columns < MIN_COLUMNS:
+        return 1
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
 
@@ -39,7 +45,7 @@ def gram(mat: Tensor) -> Tensor:
         The Gram matrices, of shape ``[B, I, I]``, exactly symmetric.
     """
     rows = mat.shape[1]
-    blocks = num_blocks(rows)
+    blocks = num_blocks(rows, mat.shape[2])
     result = mat.new_empty(mat.shape[0], rows, rows)
     edges = [rows * b // blocks for b in range(blocks + 1)]
     for start, stop in zip(edges[:-1], edges[1:], strict=True):

@@ -3,11 +3,22 @@
 import pytest
 import torch
 
-from backpack_tn.engine.gram import MAX_BLOCKS, MIN_BLOCK_ROWS, gram, num_blocks
+from backpack_tn.engine.gram import (
+    MAX_BLOCKS,
+    MIN_BLOCK_ROWS,
+    MIN_COLUMNS,
+    gram,
+    num_blocks,
+)
 from test_problems.compare import assert_allclose_report
 
 #: (batch, rows, columns): one block, uneven splits, the largest split
-SHAPES = [(1, 5, 7), (2, 2 * MIN_BLOCK_ROWS + 3, 9), (3, 5 * MIN_BLOCK_ROWS + 1, 4)]
+SHAPES = [
+    (1, 5, 7),
+    (2, 2 * MIN_BLOCK_ROWS + 3, MIN_COLUMNS),
+    (1, 5 * MIN_BLOCK_ROWS + 1, MIN_COLUMNS + 1),
+    (2, 3 * MIN_BLOCK_ROWS, 4),
+]
 SHAPE_IDS = [f"B={b}-I={i}-M={m}" for b, i, m in SHAPES]
 
 
@@ -27,9 +38,15 @@ def test_gram_matches_full_product(shape, transposed):
 
 
 @pytest.mark.parametrize(
-    "rows, expected",
-    [(1, 1), (2 * MIN_BLOCK_ROWS - 1, 1), (2 * MIN_BLOCK_ROWS, 2), (10**6, MAX_BLOCKS)],
+    "rows, columns, expected",
+    [
+        (1, MIN_COLUMNS, 1),
+        (2 * MIN_BLOCK_ROWS - 1, MIN_COLUMNS, 1),
+        (2 * MIN_BLOCK_ROWS, MIN_COLUMNS, 2),
+        (10**6, MIN_COLUMNS, MAX_BLOCKS),
+        (10**6, MIN_COLUMNS - 1, 1),
+    ],
 )
-def test_num_blocks(rows, expected):
-    """Small matrices get one block, large ones at most ``MAX_BLOCKS``."""
-    assert num_blocks(rows) == expected
+def test_num_blocks(rows, columns, expected):
+    """Small or short matrices get one block, large ones at most ``MAX_BLOCKS``."""
+    assert num_blocks(rows, columns) == expected
