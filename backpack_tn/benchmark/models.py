@@ -98,6 +98,33 @@ def net_all_cnn_c(num_outputs: int = 10) -> nn.Sequential:
     )
 
 
+def net_resnet18_nobn(num_outputs: int = 10) -> nn.Module:
+    """ResNet18 for ``32x32`` inputs as stock BackPACK's KFAC can run it.
+
+    torchvision's ``resnet18`` with identities in place of its BatchNorm layers
+    and of its ``AdaptiveAvgPool2d``, which averages the final ``1x1`` maps of a
+    ``32x32`` input: stock KFAC supports neither of the replaced modules.
+    BackPACK extends it with ``use_converter=True`` (residual connections).
+
+    Args:
+        num_outputs: Number of classes.
+
+    Returns:
+        The network; it maps ``[N, 3, 32, 32]`` to ``[N, num_outputs]``.
+    """
+    import torchvision
+
+    model = torchvision.models.resnet18(
+        weights=None, num_classes=num_outputs, norm_layer=_identity
+    )
+    model.avgpool = nn.Identity()
+    return model
+
+
+def _identity(num_features: int) -> nn.Module:
+    return nn.Identity()
+
+
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     """Constructor of a torchvision model without pre-trained weights.
 

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from backpack import backpack, extend
@@ -25,7 +26,7 @@ from backpack_tn.benchmark.memory import (
     cpu_extra_peak,
     cuda_extra_peak,
 )
-from backpack_tn.benchmark.models import NETS
+from backpack_tn.benchmark.models import NETS, net_resnet18_nobn
 
 #: name -> (stock factory or None, TN factory)
 EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
@@ -43,8 +44,28 @@ EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
     "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: Networks the main job runs on (sequential CNNs that BackPACK extends as they are).
-MODELS = ("all_cnn_c", "3c3d", "2c2d")
+
+
+class Model(NamedTuple):
+    """A network of the main job.
+
+    Attributes:
+        constructor: Builds the network with random weights.
+        input_shape: Shape of one input sample.
+        use_converter: Whether BackPACK needs its converter (residual connections).
+    """
+
+    constructor: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    use_converter: bool = False
+
+
+#: Networks the main job runs on: the sequential CNNs of the benchmark and a
+#: ResNet18 for small inputs that stock KFAC supports.
+MODELS: dict[str, Model] = {
+    **{name: Model(*NETS[name]) for name in ("all_cnn_c", "3c3d", "2c2d")},
+    "resnet18_nobn": Model(net_resnet18_nobn, (3, 32, 32), use_converter=True),
+}
 
 
 @dataclass
@@ -164,9 +185,10 @@ def run_network(
         One row per extension with times, peak memories, ratios and agreement.
     """
     torch.manual_seed(seed)
-    constructor, sample_shape = NETS[model_name]
+    constructor, sample_shape, use_converter = MODELS[model_name]
     torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
-    model = extend(constructor().to(torch_device, torch_dtype))
+    model = constructor().to(torch_device, torch_dtype)
+    model = extend(model, use_converter=use_converter)
     loss_fn = extend(nn.CrossEntropyLoss())
     x = torch.randn(batch_size, *sample_shape, device=torch_device, dtype=torch_dtype)
     with torch.no_grad():
@@ -257,7 +279,7 @@ def add_run_arguments(parser: argparse.ArgumentParser):
     Args:
         parser: The parser.
     """
-    parser.add_argument("--model", default="all_cnn_c", choices=MODELS)
+    parser.add_argument("--model", default="all_cnn_c", choices=list(MODELS))
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument(
         "--extensions",

@@ -20,6 +20,18 @@ def test_run_network_agrees_with_stock():
     assert "KFAC-reduce" in table and "stock cannot run" in table
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_resnet_with_converter_agrees_with_stock():
+    """A residual network (BackPACK's converter) gives stock's one-pass results."""
+    rows = run_network(
+        "resnet18_nobn",
+        batch_size=2,
+        extensions=["BatchGrad+DiagGGNExact+KFAC"],
+        dtype="float64",
+    )
+    assert len(rows) == 1 and rows[0]["agree"].startswith("yes"), rows
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
