@@ -4,7 +4,8 @@ BLAS has ``syrk`` for this, PyTorch does not expose it. Splitting the rows of
 ``A`` into blocks and multiplying each block row with the blocks from the diagonal
 on saves up to half the FLOPs of one full GEMM (``(b + 1) / 2b`` of them for
 ``b`` blocks); the lower triangle is mirrored from the upper one (also inside the
-diagonal blocks), so the result is exactly symmetric.
+diagonal blocks), so the result is exactly symmetric. Small matrices, and products
+bound by writing the result, take one full GEMM.
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ def gram(mat: Tensor) -> Tensor:
         mat: Matrices of shape ``[B, I, M]`` (any strides).
 
     Returns:
-        The Gram matrices, of shape ``[B, I, I]``, exactly symmetric.
+        The Gram matrices, of shape ``[B, I, I]``; exactly symmetric when computed
+        in blocks (one full product otherwise, as symmetric as BLAS makes it).
     """
     rows = mat.shape[1]
     blocks = num_blocks(rows, mat.shape[2])
+    if blocks == 1:
+        return mat @ mat.transpose(1, 2)
     result = mat.new_empty(mat.shape[0], rows, rows)
     edges = [rows * b // blocks for b in range(blocks + 1)]
     for start, stop in zip(edges[:-1], edges[1:], strict=True):
