@@ -163,11 +163,11 @@ def contract(
 ) -> Tensor:
     """Contract tensors with named legs.
 
-    Before the pairwise contractions, scalar operands are set aside (and multiply
-    the result at the end) and every leg that only one operand carries, and the
-    result does not, is summed out of that operand. Otherwise a pairwise step would
-    carry it along, e.g. sum over a pattern's output positions only after
-    multiplying with the input.
+    Before the pairwise contractions, every leg that only one operand carries, and
+    the result does not, is summed out of that operand. Otherwise a pairwise step
+    would carry it along, e.g. sum over a pattern's output positions only after
+    multiplying with the input. Scalar operands multiply the smallest remaining
+    operand (not the result, which can be far larger).
 
     Args:
         legs: Leg names of each operand.
@@ -192,6 +192,9 @@ def contract(
         if lonely and len(kept) > 1:
             kept[j] = operand.sum(lonely)
             kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
+    if scale is not None and kept:  # scale the smallest operand, not the result
+        j = min(range(len(kept)), key=lambda i: kept[i].numel())
+        kept[j], scale = kept[j] * scale, None
     equation = equation_from_legs(kept_legs, output)
     if len(kept) <= 2:  # a single pairwise step: no path to find
         result = einsum(equation, *kept)
