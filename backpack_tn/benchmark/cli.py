@@ -201,6 +201,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     how.add_argument("--threads", type=_positive_int, metavar="T", help="torch threads")
     how.add_argument(
+        "--steady-allocator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: reuse freed heap memory instead of page-faulting fresh maps, so"
+        " that no method's time depends on the methods before it (default: on)",
+    )
+    how.add_argument(
         "--ggn-vectors",
         type=_positive_int,
         default=10,
@@ -309,6 +316,7 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             mem_limit=limit_bytes,
             progress=not args.no_progress,
             figure=not args.no_figure,
+            steady_allocator=args.steady_allocator,
         )
     except ValueError as error:
         parser.error(str(error))

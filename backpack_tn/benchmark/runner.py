@@ -39,7 +39,12 @@ from backpack_tn.benchmark.ops import (
     our_strategies,
     prepare,
 )
-from backpack_tn.benchmark.timing import LoadGate, TimingResult, time_interleaved
+from backpack_tn.benchmark.timing import (
+    LoadGate,
+    TimingResult,
+    time_interleaved,
+)
+from backpack_tn.benchmark.timing import steady_allocator as set_steady_allocator
 
 #: Networks of ``--quick``.
 QUICK_NETS: tuple[str, ...] = ("3c3d", "all_cnn_c")
@@ -101,6 +106,7 @@ class BenchSettings:
     ggn_vectors: int
     ggn_batch_divisor: int
     batch_size: int
+    steady_allocator: bool = False
 
     def describe(self) -> dict:
         """Settings plus machine and library versions.
@@ -328,6 +334,7 @@ def run_benchmark(
     mem_limit: int | None = None,
     progress: bool = False,
     figure: bool = True,
+    steady_allocator: bool = False,
 ) -> list[dict]:
     """Time (and optionally measure the memory of) every method on every layer.
 
@@ -365,6 +372,9 @@ def run_benchmark(
         mem_limit: Address-space limit for data (bytes) of the memory workers.
         progress: Show a progress bar.
         figure: Also draw the box plot when writing reports.
+        steady_allocator: On CPU, let this process reuse freed heap memory (see
+            :func:`backpack_tn.benchmark.timing.steady_allocator`; it stays in
+            effect after the run). The command line turns it on.
 
     Returns:
         One dict per (layer, op, method) with the keys of :data:`COLUMNS`.
@@ -409,6 +419,8 @@ def run_benchmark(
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    if steady_allocator and torch_device.type == "cpu":
+        steady_allocator = set_steady_allocator()
     settings = BenchSettings(
         ops=op_names,
         methods=method_names,
@@ -423,6 +435,7 @@ def run_benchmark(
         ggn_vectors=ggn_vectors,
         ggn_batch_divisor=divisor,
         batch_size=batch_size,
+        steady_allocator=steady_allocator and torch_device.type == "cpu",
     )
     registry = op_registry(include_ours=any(not is_reference(m) for m in method_names))
     load_gate = LoadGate(threshold=gate) if gate is not None else None

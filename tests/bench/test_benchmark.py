@@ -5,6 +5,8 @@ that the reference methods agree, and that runs write their reports.
 """
 
 import csv
+import ctypes.util
+import json
 import math
 import subprocess
 import sys
@@ -418,3 +420,6 @@ def test_cli_runs_a_layer(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert "batch_l2" in proc.stdout
     assert (tmp_path / "results.md").exists()
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    # the command line times with the steady allocator wherever glibc has mallopt
+    assert settings["steady_allocator"] == (ctypes.util.find_library("c") is not None)
