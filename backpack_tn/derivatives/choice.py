@@ -160,7 +160,7 @@ DENSE_PATTERN_LIMIT = 2**18
 #: Per-sample VJPs use the higher-order convolution up to this many input channels.
 FEW_CHANNELS = 8
 #: Per-sample VJPs use the dense-pattern network up to this many output positions.
-FEW_POSITIONS = 100
+FEW_POSITIONS = 256
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512

@@ -26,7 +26,7 @@ RULE_CASES = [
     ),
     (
         lambda: nn.Conv2d(3, 6, 3, padding_mode="reflect", padding=1),
-        (2, 3, 16, 16),
+        (2, 3, 32, 32),
         "weight_jac_t_mat_prod",
         "kernel",
     ),
