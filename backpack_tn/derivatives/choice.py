@@ -7,9 +7,11 @@
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM. Otherwise, in this order: a same-order
-  grouped convolution for depthwise layers; for one vector, the higher-order
-  convolution of Rochette et al. for few input channels (it repeats the input for
-  every vector; also for one vector on Conv1d); for one vector, the dense-pattern
+  grouped convolution for depthwise layers (with several vectors only at stride
+  1; strided ones take im2col and one GEMM); the higher-order convolution of
+  Rochette et al. for few input channels (it repeats the input for every vector;
+  with several vectors only without groups; for one vector also on Conv1d); for
+  one vector, the dense-pattern
   network or im2col and one GEMM (few output positions); for several vectors on
   2d/3d layers with fewer than ``MANY_POSITIONS`` output positions and small
   patterns, the dense-pattern network, whose GEMMs over channels win;
@@ -209,13 +211,28 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " kernel launches"
         )
     vectors = tensors["mat"].shape[0]
+    strided = any(p.stride > 1 for p in spec.patterns)
     if _stock_compatible(spec) and spec.in_channels == spec.groups:
-        return "same_conv", (
-            "depthwise-like (one input channel per group): one grouped convolution"
-            " of the same order"
+        if vectors == 1 or not strided:
+            return "same_conv", (
+                "depthwise-like (one input channel per group): one grouped"
+                " convolution of the same order"
+            )
+        if len(spec.patterns) == 2:
+            return "unfold", (
+                f"depthwise-like and strided, {vectors} vectors: PyTorch's im2col"
+                " kernel and one batched GEMM (the same-order convolution repeats"
+                " the input per vector and dilates its kernel by the stride)"
+            )
+        return "kernel", (
+            f"depthwise-like and strided, {vectors} vectors: vmap-batched"
+            " convolution kernels"
         )
     channels = spec.in_channels // spec.groups
-    few = channels <= FEW_CHANNELS or (vectors == 1 and len(spec.patterns) == 1)
+    if vectors == 1:
+        few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
+    else:  # grouped layers with few channels per group lose with several vectors
+        few = channels <= FEW_CHANNELS and spec.groups == 1
     if few and _stock_compatible(spec) and len(spec.patterns) < 3:
         return "higher_conv", (
             f"{vectors} vector(s), {len(spec.patterns)}d with {channels} input"

@@ -59,6 +59,42 @@ def test_auto_rules(module_fn, shape, op, expected):
     assert reason
 
 
+#: (layer, input shape, number of vectors, expected weight-VJP evaluation)
+VECTOR_RULE_CASES = [
+    (
+        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        (1, 8, 16, 16),
+        1,
+        "same_conv",
+    ),
+    (
+        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        (1, 8, 16, 16),
+        10,
+        "unfold",
+    ),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (1, 8, 16, 16), 10, "same_conv"),
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=4), (1, 32, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (1, 3, 32, 32), 10, "higher_conv"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "tn"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 1, "unfold"),
+]
+
+
+@pytest.mark.parametrize("module_fn, shape, vectors, expected", VECTOR_RULE_CASES)
+def test_auto_weight_vjp_rules_by_vectors(module_fn, shape, vectors, expected):
+    """The weight-VJP evaluation depends on the number of vectors and the layer."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(vectors, *module.output.shape)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **tensors
+    )
+    assert key == expected, reason
+
+
 def test_autotune_measures_and_stays_exact():
     """With autotuning, ``auto`` measures the candidates and results stay exact."""
     torch.manual_seed(0)
