@@ -189,7 +189,7 @@ def contract(
     counts.update(output)
     for j, (op_legs, operand) in enumerate(zip(kept_legs, kept, strict=True)):
         lonely = [d for d, leg in enumerate(op_legs) if counts[leg] == 1]
-        if lonely and len(kept) > 1:
+        if lonely:
             kept[j] = operand.sum(lonely)
             kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
     if scale is not None and kept:  # scale the smallest operand, not the result
