@@ -142,7 +142,16 @@ def _tn_kfac_expand(module, spec, strategy, x):
 
 
 def _tn_kfac_reduce(module, spec, strategy, x):
-    return evaluate(*kfac_reduce.tensor_network(spec, x), strategy)
+    if strategy == "tn_unsimplified":
+        return evaluate(*kfac_reduce.tensor_network(spec, x), strategy)
+    # both halves of the network are the position-summed unfolded input: evaluate
+    # it once, [G, C_in/G * K, N], then take its Gram matrix
+    operands, legs = input_operand(spec, x)
+    net = TensorNetwork(operands, legs, ("g", "b", *spec.kernel_legs(), "n"))
+    reduced = prepare(net, strategy).contract()
+    reduced = reduced.reshape(spec.groups, -1, x.shape[0])
+    scale = 1.0 / (x.shape[0] * spec.num_positions**2)
+    return gram(reduced).mul_(scale).reshape(kfac_expand.result_shape(spec))
 
 
 # kernel evaluations
