@@ -6,6 +6,7 @@ from torch import nn
 
 from backpack_tn import set_autotune
 from backpack_tn.derivatives import Conv2DDerivativesTN, Conv3DDerivativesTN
+from backpack_tn.derivatives.implementations import is_grouped_strided
 from test_problems import references
 from test_problems.compare import assert_allclose_report
 
@@ -130,3 +131,18 @@ def test_unknown_strategy_and_unavailable_stock_route():
         Conv3DDerivativesTN(strategy="higher_conv").param_mjp(
             "weight", module, None, None, mat
         )
+
+
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        (nn.Conv2d(8, 8, 3, stride=2, groups=4), True),
+        (nn.Conv2d(8, 8, 3, stride=(1, 2), groups=2), True),
+        (nn.Conv2d(8, 8, 3, groups=4), False),
+        (nn.Conv2d(8, 8, 3, stride=2, groups=8), False),
+        (nn.Conv2d(8, 8, 3, stride=2), False),
+    ],
+)
+def test_grouped_strided_input_vjp_route(module, expected):
+    """Strided convolutions with multi-channel groups take autograd's input VJP."""
+    assert is_grouped_strided(module) == expected
