@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from math import prod
 from types import SimpleNamespace
 
 import torch
@@ -125,33 +124,35 @@ def _tn_unfold_input(module, spec, strategy, x):
     return evaluate(*unfold_input.tensor_network(spec, x), strategy)
 
 
+def _input_gram(spec, strategy, x, positions):
+    """Gram matrix per group of the unfolded input, one column per ``(n, *positions)``.
+
+    Position legs left out of ``positions`` are summed before the channels are
+    touched (KFAC-reduce); the network is evaluated once, not twice as in the
+    factor's own network.
+
+    Returns:
+        The Gram matrices of shape ``[G, C_in // G * prod(K)] * 2``.
+    """
+    operands, legs = input_operand(spec, x)
+    output = ("g", "b", *spec.kernel_legs(), "n", *positions)
+    columns = prepare(TensorNetwork(operands, legs, output), strategy).contract()
+    groups, rows, _ = kfac_expand.result_shape(spec)
+    return gram(columns.reshape(groups, rows, -1))
+
+
 def _tn_kfac_expand(module, spec, strategy, x):
     if strategy != "tn_lowered":
         return evaluate(*kfac_expand.tensor_network(spec, x), strategy)
-    # the Gram matrix of the unfolded input [G, C_in/G * K, N * O] (one copy)
-    if spec.kind == "linear":
-        unfolded = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
-    else:
-        operands, legs = input_operand(spec, x)
-        output = ("g", "b", *spec.kernel_legs(), "n", *spec.spatial_legs("out"))
-        net = TensorNetwork(operands, legs, output)
-        unfolded = net.simplify(lower_all=True).contract()
-        rows = spec.in_channels // spec.groups * prod(spec.kernel_size)
-        unfolded = unfolded.reshape(spec.groups, rows, -1)
-    return gram(unfolded).div_(x.shape[0]).reshape(kfac_expand.result_shape(spec))
+    positions = spec.spatial_legs("out")
+    return _input_gram(spec, strategy, x, positions).div_(x.shape[0])
 
 
 def _tn_kfac_reduce(module, spec, strategy, x):
     if strategy == "tn_unsimplified":
         return evaluate(*kfac_reduce.tensor_network(spec, x), strategy)
-    # both halves of the network are the position-summed unfolded input: evaluate
-    # it once, [G, C_in/G * K, N], then take its Gram matrix
-    operands, legs = input_operand(spec, x)
-    net = TensorNetwork(operands, legs, ("g", "b", *spec.kernel_legs(), "n"))
-    reduced = prepare(net, strategy).contract()
-    reduced = reduced.reshape(spec.groups, -1, x.shape[0])
     scale = 1.0 / (x.shape[0] * spec.num_positions**2)
-    return gram(reduced).mul_(scale).reshape(kfac_expand.result_shape(spec))
+    return _input_gram(spec, strategy, x, ()).mul_(scale)
 
 
 # kernel evaluations
