@@ -163,6 +163,11 @@ DENSE_PATTERN_LIMIT = 2**18
 FEW_CHANNELS = 8
 #: Per-sample VJPs use the dense-pattern network up to this many output positions.
 FEW_POSITIONS = 256
+#: Up to this many output positions, GEMMs over channels beat convolution kernels.
+SMALL_MAP = 64
+#: Per-sample VJPs of one vector use the higher-order convolution up to this batch
+#: size (it runs one group per sample).
+FEW_SAMPLES = 4
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512
@@ -229,15 +234,31 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " convolution kernels"
         )
     channels = spec.in_channels // spec.groups
+    samples = tensors["mat"].shape[1]
+    larger_map = spec.num_positions > SMALL_MAP
+    if vectors == 1 and spec.groups > 1 and channels > FEW_CHANNELS and larger_map:
+        return "kernel", (
+            f"one vector, {spec.groups} groups of {channels} input channels on"
+            f" {spec.num_positions} output positions: vmap-batched grouped"
+            " convolution kernels"
+        )
+    if vectors > 1 and samples == 1 and larger_map:
+        return "kernel", (
+            f"one sample, {vectors} vectors on {spec.num_positions} output"
+            " positions: the convolution kernel's weight gradient with the vectors"
+            " as a batch"
+        )
     if vectors == 1:
         few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
+        # small batches: the higher-order convolution's groups stay few
+        few = few or (spec.groups == 1 and samples <= FEW_SAMPLES and larger_map)
     else:  # grouped layers with few channels per group lose with several vectors
         few = channels <= FEW_CHANNELS and spec.groups == 1
     if few and _stock_compatible(spec) and len(spec.patterns) < 3:
         return "higher_conv", (
-            f"{vectors} vector(s), {len(spec.patterns)}d with {channels} input"
-            " channels per group: one grouped convolution of one order higher"
-            " (Rochette et al., 2019)"
+            f"{vectors} vector(s), {samples} sample(s), {len(spec.patterns)}d with"
+            f" {channels} input channels per group: one grouped convolution of one"
+            " order higher (Rochette et al., 2019)"
         )
     if vectors == 1 and spec.num_positions <= FEW_POSITIONS:
         if len(spec.patterns) == 2:

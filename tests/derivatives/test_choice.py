@@ -64,22 +64,28 @@ def test_auto_rules(module_fn, shape, op, expected):
 VECTOR_RULE_CASES = [
     (
         lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
-        (1, 8, 16, 16),
+        (2, 8, 16, 16),
         1,
         "same_conv",
     ),
     (
         lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
-        (1, 8, 16, 16),
+        (2, 8, 16, 16),
         10,
         "unfold",
     ),
-    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (1, 8, 16, 16), 10, "same_conv"),
-    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=4), (1, 32, 32, 32), 10, "kernel"),
-    (lambda: nn.Conv2d(3, 8, 3, padding=1), (1, 3, 32, 32), 10, "higher_conv"),
-    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 16, 16), 10, "same_conv"),
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=4), (2, 32, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 12, 12), 1, "kernel"),
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 8, 8), 1, "unfold"),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 32, 32), 10, "higher_conv"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 8, 8), 10, "tn"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "tn"),
-    (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 1, "unfold"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "unfold"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 12, 12), 1, "higher_conv"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 8, 8), 1, "unfold"),
 ]
 
 
