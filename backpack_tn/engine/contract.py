@@ -167,8 +167,7 @@ def contract(
     the result does not, is summed out of that operand. Otherwise a pairwise step
     would carry it along, e.g. sum over a pattern's output positions only after
     multiplying with the input. Scalar operands multiply the smallest remaining
-    operand (not the result, which can be far larger). Legs of size 1 are dropped
-    before and restored after the contraction.
+    operand (not the result, which can be far larger).
 
     Args:
         legs: Leg names of each operand.
@@ -179,20 +178,6 @@ def contract(
     Returns:
         The contraction, with one dimension per name in ``output``.
     """
-    unit = {
-        leg
-        for op_legs, operand in zip(legs, operands, strict=True)
-        for leg, size in zip(op_legs, operand.shape, strict=True)
-        if size == 1
-    }
-    if unit:  # size-1 legs only add overhead (and slower einsum layouts)
-        output_shape = _output_shape(legs, operands, output)
-        operands = [
-            op.reshape([s for g, s in zip(ls, op.shape, strict=True) if g not in unit])
-            for ls, op in zip(legs, operands, strict=True)
-        ]
-        legs = [tuple(leg for leg in op_legs if leg not in unit) for op_legs in legs]
-        output = tuple(leg for leg in output if leg not in unit)
     scale, kept_legs, kept = None, [], []
     for op_legs, operand in zip(legs, operands, strict=True):
         if operand.dim() == 0:
@@ -210,35 +195,15 @@ def contract(
     if scale is not None and kept:  # scale the smallest operand, not the result
         j = min(range(len(kept)), key=lambda i: kept[i].numel())
         kept[j], scale = kept[j] * scale, None
-    if not kept:  # only scalars
-        result, scale = scale, None
-    elif len(kept) <= 2:  # a single pairwise step: no path to find
-        result = einsum(equation_from_legs(kept_legs, output), *kept)
+    equation = equation_from_legs(kept_legs, output)
+    if len(kept) <= 2:  # a single pairwise step: no path to find
+        result = einsum(equation, *kept)
     else:
-        equation = equation_from_legs(kept_legs, output)
         shapes = tuple(tuple(op.shape) for op in kept)
         for positions, step in _plan(equation, shapes, optimize or get_optimizer()):
             kept.append(einsum(step, *[kept.pop(p) for p in positions]))
         (result,) = kept
-    if unit:
-        result = result.reshape(output_shape)
     return result if scale is None else result * scale
-
-
-def _output_shape(
-    legs: Sequence[Sequence[str]], operands: Sequence[Tensor], output: Sequence[str]
-) -> tuple[int, ...]:
-    """Shape of the result, from the sizes of the operands' legs.
-
-    Returns:
-        One size per leg of ``output``.
-    """
-    sizes = {
-        leg: size
-        for op_legs, operand in zip(legs, operands, strict=True)
-        for leg, size in zip(op_legs, operand.shape, strict=True)
-    }
-    return tuple(sizes[leg] for leg in output)
 
 
 def clear_caches():

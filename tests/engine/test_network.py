@@ -105,18 +105,3 @@ def test_contract_presums_lonely_legs_and_keeps_diagonals():
     assert_allclose_report(actual, expected, rtol=1e-6, atol=1e-7)
     actual = contract.contract([("a", "b"), ("b",)], ("b",), [w.T, v])
     assert_allclose_report(actual, w.sum(1) * v, rtol=1e-6, atol=1e-7)
-
-
-def test_contract_drops_and_restores_unit_legs():
-    """Size-1 legs are dropped for the contraction and restored in the result."""
-    torch.manual_seed(0)
-    g, x = torch.randn(1, 4, 3), torch.randn(4, 5)
-    actual = contract.contract(
-        [("v", "n", "o"), ("n", "i")], ("v", "n", "o", "i"), [g, x]
-    )
-    assert_allclose_report(actual, g.unsqueeze(-1) * x[None, :, None, :])
-    one, two = torch.tensor([2.0]), torch.tensor([3.0])
-    assert_allclose_report(
-        contract.contract([("u",), ("u",)], ("u",), [one, two]), one * two
-    )
-    assert contract.contract([("u",), ("u",)], (), [one, two]).shape == ()
