@@ -8,9 +8,13 @@
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM. Otherwise, in this order: a same-order
   grouped convolution for depthwise layers (with several vectors only at stride
-  1; strided ones take im2col and one GEMM); the higher-order convolution of
+  1; strided ones take im2col and one GEMM); batched convolution kernels for one
+  vector on grouped layers with many channels per group, and for several vectors
+  of a single sample (one weight gradient with the vectors as a batch), both
+  beyond ``SMALL_MAP`` output positions; the higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
-  with several vectors only without groups; for one vector also on Conv1d); for
+  with several vectors only without groups; for one vector also on Conv1d, and
+  on ungrouped layers at batch sizes up to ``FEW_SAMPLES``); for
   one vector, the dense-pattern
   network or im2col and one GEMM (few output positions); for several vectors on
   2d/3d layers with fewer than ``MANY_POSITIONS`` output positions and small
