@@ -7,10 +7,12 @@ the default, :func:`optimizer` changes it inside a ``with`` block.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import NamedTuple
 
 import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
@@ -178,35 +180,83 @@ def contract(
     Returns:
         The contraction, with one dimension per name in ``output``.
     """
-    scale, kept_legs, kept = None, [], []
-    for op_legs, operand in zip(legs, operands, strict=True):
-        if operand.dim() == 0:
-            scale = operand if scale is None else scale * operand
-            continue
-        kept_legs.append(tuple(op_legs))
-        kept.append(operand)
-    counts = Counter(leg for op_legs in kept_legs for leg in op_legs)
-    counts.update(output)
-    for j, (op_legs, operand) in enumerate(zip(kept_legs, kept, strict=True)):
-        lonely = [d for d, leg in enumerate(op_legs) if counts[leg] == 1]
-        if lonely:
-            kept[j] = operand.sum(lonely)
-            kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
+    recipe = _recipe(
+        tuple(map(tuple, legs)),
+        tuple(output),
+        tuple(tuple(op.shape) for op in operands),
+        optimize or get_optimizer(),
+    )
+    scale = None
+    for j in recipe.scalars:
+        scale = operands[j] if scale is None else scale * operands[j]
+    kept = [operands[j] for j in recipe.kept]
+    for j, dims in recipe.sums:
+        kept[j] = kept[j].sum(dims)
     if scale is not None and kept:  # scale the smallest operand, not the result
-        j = min(range(len(kept)), key=lambda i: kept[i].numel())
-        kept[j], scale = kept[j] * scale, None
-    equation = equation_from_legs(kept_legs, output)
-    if len(kept) <= 2:  # a single pairwise step: no path to find
-        result = einsum(equation, *kept)
+        kept[recipe.smallest] = kept[recipe.smallest] * scale
+        scale = None
+    if len(kept) <= 2:
+        result = einsum(recipe.steps[0][1], *kept)
     else:
-        shapes = tuple(tuple(op.shape) for op in kept)
-        for positions, step in _plan(equation, shapes, optimize or get_optimizer()):
+        for positions, step in recipe.steps:
             kept.append(einsum(step, *[kept.pop(p) for p in positions]))
         (result,) = kept
     return result if scale is None else result * scale
 
 
+class _Recipe(NamedTuple):
+    """What :func:`contract` does for one signature of legs and shapes.
+
+    Attributes:
+        scalars: Positions of the scalar operands.
+        kept: Positions of the other operands.
+        sums: ``(j, dims)``: sum dimensions ``dims`` of kept operand ``j`` first.
+        smallest: Kept operand that scalars multiply.
+        steps: ``(positions, equation)`` per pairwise step, as in :func:`_plan`;
+            with at most two kept operands, one step that takes them in order.
+    """
+
+    scalars: tuple[int, ...]
+    kept: tuple[int, ...]
+    sums: tuple[tuple[int, tuple[int, ...]], ...]
+    smallest: int
+    steps: tuple[tuple[tuple[int, ...], str], ...]
+
+
+@lru_cache(maxsize=4096)
+def _recipe(
+    legs: tuple[tuple[str, ...], ...],
+    output: tuple[str, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    optimize: str,
+) -> _Recipe:
+    scalars = tuple(j for j, shape in enumerate(shapes) if not shape)
+    kept = tuple(j for j, shape in enumerate(shapes) if shape)
+    kept_legs = [legs[j] for j in kept]
+    kept_shapes = [shapes[j] for j in kept]
+    counts = Counter(leg for op_legs in kept_legs for leg in op_legs)
+    counts.update(output)
+    sums = []
+    for j, op_legs in enumerate(kept_legs):
+        lonely = tuple(d for d, leg in enumerate(op_legs) if counts[leg] == 1)
+        if lonely:
+            sums.append((j, lonely))
+            kept_legs[j] = tuple(leg for leg in op_legs if counts[leg] > 1)
+            kept_shapes[j] = tuple(
+                size for d, size in enumerate(kept_shapes[j]) if d not in lonely
+            )
+    sizes = [math.prod(shape) for shape in kept_shapes]
+    smallest = min(range(len(sizes)), key=sizes.__getitem__) if sizes else 0
+    equation = equation_from_legs(kept_legs, output)
+    if len(kept) <= 2:  # a single pairwise step: no path to find
+        steps = ((tuple(range(len(kept))), equation),)
+    else:
+        steps = _plan(equation, tuple(kept_shapes), optimize)
+    return _Recipe(scalars, kept, tuple(sums), smallest, steps)
+
+
 def clear_caches():
     """Drop all cached contraction expressions and paths."""
+    _recipe.cache_clear()
     _plan.cache_clear()
     _path_info.cache_clear()
