@@ -349,14 +349,16 @@ def _vjp_squared(module, spec, strategy, x, mat, sum_batch):
     Returns:
         The GGN diagonal of shape ``[(N,) *weight_shape]``.
     """
-    vjps = _per_sample_vjps(module, spec, strategy, x, mat)
+    vjps = _raw_per_sample_vjps(module, spec, strategy, x, mat)
     squared = vjps.square_().sum(0)
-    return squared.sum(0) if sum_batch else squared
+    if sum_batch:
+        return squared.sum(0).reshape(spec.weight_shape)
+    return squared.reshape(x.shape[0], *spec.weight_shape)
 
 
 def _vjp_batch_l2(module, spec, strategy, x, mat):
-    vjps = _per_sample_vjps(module, spec, strategy, x, mat)
-    return vjps.square_().flatten(2).sum((0, 2))
+    vjps = _raw_per_sample_vjps(module, spec, strategy, x, mat)
+    return vjps.square_().sum((0, *range(2, vjps.dim())))
 
 
 def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
@@ -369,8 +371,24 @@ def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
     Returns:
         The weight VJP of shape ``[V, (N,) *weight_shape]``.
     """
-    if spec.kind != "conv" or len(spec.patterns) != 2:
+    if not _is_conv2d(spec):
         return _tn_weight_jac_t_mat_prod(module, spec, "tn_lowered", x, mat, sum_batch)
+    result = _unfolded_vjps(spec, x, mat, sum_batch)
+    sizes = () if sum_batch else (x.shape[0],)
+    return result.reshape(mat.shape[0], *sizes, *spec.weight_shape)
+
+
+def _is_conv2d(spec: LayerSpec) -> bool:
+    return spec.kind == "conv" and len(spec.patterns) == 2
+
+
+def _unfolded_vjps(spec, x, mat, sum_batch):
+    """Weight VJPs of a Conv2d from PyTorch's im2col kernel and one batched GEMM.
+
+    Returns:
+        The VJPs of shape ``[V, (N,) G, C_out // G, C_in // G * K0 * K1]``, a view
+        of the GEMM's result.
+    """
     first, second = spec.patterns
     padded = pad(pad(x, 2, first), 3, second)
     unfolded = functional.unfold(
@@ -381,13 +399,26 @@ def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
     ).unflatten(1, (spec.groups, -1))  # [N, G, B * K0 * K1, O0 * O1]
     mat = mat.flatten(3).unflatten(2, (spec.groups, -1))  # [V, N, G, A, O0 * O1]
     equation = "ngko,vngao->vgak" if sum_batch else "ngko,vngao->vngak"
-    result = torch.einsum(equation, unfolded, mat)
-    sizes = () if sum_batch else (x.shape[0],)
-    return result.reshape(mat.shape[0], *sizes, *spec.weight_shape)
+    return torch.einsum(equation, unfolded, mat)
 
 
-def _per_sample_vjps(module, spec, strategy, x, mat):
+def _raw_per_sample_vjps(module, spec, strategy, x, mat):
+    """Per-sample weight VJPs in the layout their evaluation produced them.
+
+    Reshaping them to ``[V, N, *weight_shape]`` can copy them (the layout of a
+    GEMM's result rarely matches it); squared quantities reshape their far smaller
+    sums instead.
+
+    Returns:
+        Tensor of shape ``[V, N, ...]`` whose trailing dimensions flatten, in
+        order, to the weight's.
+    """
     base = strategy.removesuffix(SQUARE)
+    if base in TN_STRATEGIES:
+        net, _ = weight_jac_t_mat_prod.tensor_network(spec, x, mat, False)
+        return prepare(net, base).contract()
+    if base == "unfold" and _is_conv2d(spec):
+        return _unfolded_vjps(spec, x, mat, False)
     return WEIGHT_VJP[base](module, spec, base, x, mat, False)
 
 
