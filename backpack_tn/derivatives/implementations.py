@@ -280,29 +280,24 @@ def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
     if spec.kind == "linear":
         result = flat @ weight
     elif spec.kind == "conv" and has_even_zero_padding(module, spec):
+        hyperparameters = {
+            "stride": module.stride,
+            "padding": tuple(p.padding[0] for p in spec.patterns),
+            "dilation": module.dilation,
+            "groups": module.groups,
+        }
         if is_grouped_strided(module):
             # oneDNN's transposed convolution can be several times slower here
             size = (flat.shape[0], *spec.input_shape()[1:])
-            result = _CONV_INPUT_GRAD[dims](
-                size,
-                weight,
-                flat,
-                stride=module.stride,
-                padding=tuple(p.padding[0] for p in spec.patterns),
-                dilation=module.dilation,
-                groups=module.groups,
-            )
+            result = _CONV_INPUT_GRAD[dims](size, weight, flat, **hyperparameters)
             return result.unflatten(0, mat.shape[:2])
         # the transposed convolution, with the output padding that restores I
         result = _CONV_TRANSPOSE[dims](
             flat,
             weight,
             None,
-            stride=module.stride,
-            padding=tuple(p.padding[0] for p in spec.patterns),
             output_padding=tuple(_unused_inputs(p) for p in spec.patterns),
-            groups=module.groups,
-            dilation=module.dilation,
+            **hyperparameters,
         )
     elif spec.kind == "conv_transpose":
         result = _CONV[dims](
