@@ -68,15 +68,11 @@ def evaluate(net: TensorNetwork, shape: tuple[int, ...], strategy: str) -> Tenso
     Returns:
         The result, reshaped to ``shape``.
     """
-    if strategy == "tn":
-        net = net.simplify()
-    elif strategy == "tn_lowered":
-        net = net.simplify(lower_all=True)
-    return net.contract().reshape(shape)
+    return prepare(net, strategy).contract().reshape(shape)
 
 
 def prepare(net: TensorNetwork, strategy: str) -> TensorNetwork:
-    """The network as the TN strategy evaluates it (for cost estimates).
+    """The network as the TN strategy evaluates it (also for cost estimates).
 
     Args:
         net: The tensor network.
