@@ -18,6 +18,9 @@ import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
 from torch import Tensor, einsum
 
+from backpack_tn.engine.gram import gram
+from backpack_tn.engine.layout import by_stride, flat_view
+
 #: Path optimisers accepted by :func:`set_optimizer`: ``'dp-combo'`` and opt_einsum's.
 OPTIMIZERS = ("dp-combo", "dp", "auto", "auto-hq", "greedy", "optimal", "branch-2")
 
@@ -196,12 +199,144 @@ def contract(
         kept[recipe.smallest] = kept[recipe.smallest] * scale
         scale = None
     if len(kept) <= 2:
-        result = einsum(recipe.steps[0][1], *kept)
+        result = _run_step(recipe.steps[0], kept)
     else:
-        for positions, step in recipe.steps:
-            kept.append(einsum(step, *[kept.pop(p) for p in positions]))
+        for step in recipe.steps:
+            kept.append(_run_step(step, [kept.pop(p) for p in step[0]]))
         (result,) = kept
     return result if scale is None else result * scale
+
+
+class _SelfProduct(NamedTuple):
+    """A pairwise step that is a Gram product when both operands are one tensor.
+
+    Both operands carry the same legs at the same positions, except for free legs
+    (kept in the result) that differ between them: ``x[b, f, c] x[b, f', c]``
+    summed over ``c``. ``torch.einsum`` would copy ``x`` into a GEMM layout twice,
+    in an order that ignores its strides (on a strided view of a non-overlapping
+    pattern, such a copy can take ten times longer than a well-ordered one). One
+    copy in a good order and :func:`~backpack_tn.engine.gram.gram` do the same work.
+
+    Attributes:
+        batch: Dimensions of the operand that are batch dimensions.
+        free: Dimensions that are free (different legs in the two operands).
+        contracted: Dimensions that are summed over.
+        first: The first operand's letters.
+        second: The second operand's letters.
+        output: The step result's letters.
+    """
+
+    batch: tuple[int, ...]
+    free: tuple[int, ...]
+    contracted: tuple[int, ...]
+    first: str
+    second: str
+    output: str
+
+
+def _self_product(equation: str) -> _SelfProduct | None:
+    """The Gram form of a pairwise step, if it has one.
+
+    Args:
+        equation: Einsum equation of a pairwise step.
+
+    Returns:
+        The step's Gram form, or ``None`` when the legs do not have its pattern.
+    """
+    inputs, output = equation.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2 or len(operands[0]) != len(operands[1]):
+        return None
+    first, second = operands
+    if len(set(first)) != len(first) or len(set(second)) != len(second):
+        return None
+    batch, free, contracted = [], [], []
+    for d, (a, b) in enumerate(zip(first, second, strict=True)):
+        if a == b:
+            (batch if a in output else contracted).append(d)
+        elif a in output and b in output and a not in second and b not in first:
+            free.append(d)
+        else:
+            return None
+    legs = [first[d] for d in batch + free] + [second[d] for d in free]
+    if not free or sorted(legs) != sorted(output):
+        return None
+    return _SelfProduct(
+        tuple(batch), tuple(free), tuple(contracted), first, second, output
+    )
+
+
+def _gram_operand(
+    x: Tensor, product: _SelfProduct
+) -> tuple[Tensor, list[int], list[int]]:
+    """``x`` as matrices ``[B, F, C]`` for a Gram product, copied at most once.
+
+    A GEMM reads matrices whose rows or columns are contiguous. If a view of ``x``
+    has that layout, it is used. Otherwise ``x`` is copied with its largest
+    dimension innermost: copies whose innermost dimension is short (a size-2
+    kernel leg) are slow.
+
+    Args:
+        x: The operand of the step.
+        product: The step's Gram form.
+
+    Returns:
+        The matrices, and the order of the batch and free dimensions in them.
+    """
+    batch = by_stride(x, product.batch)
+    free = by_stride(x, product.free)
+    contracted = by_stride(x, product.contracted)
+    for rows, columns in ((free, contracted), (contracted, free)):
+        mat = flat_view(x, (batch, rows, columns))
+        if mat is not None and 1 in (mat.stride(1), mat.stride(2)):
+            return (mat if rows is free else mat.transpose(1, 2)), batch, free
+    biggest = max(free + contracted, key=x.shape.__getitem__)
+    if biggest in free:
+        free = [d for d in free if d != biggest] + [biggest]
+        outer, inner = contracted, free
+    else:
+        contracted = [d for d in contracted if d != biggest] + [biggest]
+        outer, inner = free, contracted
+    sizes = [math.prod(x.shape[d] for d in group) for group in (batch, outer, inner)]
+    mat = x.permute(batch + outer + inner).contiguous().view(sizes)
+    return (mat.transpose(1, 2) if inner is free else mat), batch, free
+
+
+def _run_step(
+    step: tuple[tuple[int, ...], str, _SelfProduct | None], operands: list[Tensor]
+) -> Tensor:
+    """Evaluate one pairwise (or single-operand) step.
+
+    Args:
+        step: Positions, equation and Gram form of the step.
+        operands: The step's operands, in the equation's order.
+
+    Returns:
+        The step's result.
+    """
+    _, equation, product = step
+    if product is None or not _same_view(*operands):
+        return einsum(equation, *operands)
+    x = operands[0]
+    mat, batch, free = _gram_operand(x, product)
+    shape = [x.shape[d] for d in batch + free + free]
+    legs = [product.first[d] for d in batch + free] + [product.second[d] for d in free]
+    result = gram(mat).view(shape)
+    return result.permute([legs.index(leg) for leg in product.output])
+
+
+def _same_view(first: Tensor, second: Tensor) -> bool:
+    """Whether two tensors view the same memory the same way.
+
+    Returns:
+        ``True`` for the same data pointer, shape, strides and dtype.
+    """
+    return first is second or (
+        first.data_ptr() == second.data_ptr()
+        and first.shape == second.shape
+        and first.stride() == second.stride()
+        and first.dtype == second.dtype
+    )
 
 
 class _Recipe(NamedTuple):
@@ -212,7 +347,8 @@ class _Recipe(NamedTuple):
         kept: Positions of the other operands.
         sums: ``(j, dims)``: sum dimensions ``dims`` of kept operand ``j`` first.
         smallest: Kept operand that scalars multiply.
-        steps: ``(positions, equation)`` per pairwise step, as in :func:`_plan`;
+        steps: ``(positions, equation, gram_form)`` per pairwise step, as in
+            :func:`_plan`, plus the step's :class:`_SelfProduct` (or ``None``);
             with at most two kept operands, one step that takes them in order.
     """
 
@@ -220,7 +356,7 @@ class _Recipe(NamedTuple):
     kept: tuple[int, ...]
     sums: tuple[tuple[int, tuple[int, ...]], ...]
     smallest: int
-    steps: tuple[tuple[tuple[int, ...], str], ...]
+    steps: tuple[tuple[tuple[int, ...], str, _SelfProduct | None], ...]
 
 
 @lru_cache(maxsize=4096)
@@ -249,9 +385,10 @@ def _recipe(
     smallest = min(range(len(sizes)), key=sizes.__getitem__) if sizes else 0
     equation = equation_from_legs(kept_legs, output)
     if len(kept) <= 2:  # a single pairwise step: no path to find
-        steps = ((tuple(range(len(kept))), equation),)
+        plan = ((tuple(range(len(kept))), equation),)
     else:
-        steps = _plan(equation, tuple(kept_shapes), optimize)
+        plan = _plan(equation, tuple(kept_shapes), optimize)
+    steps = tuple((pos, eq, _self_product(eq)) for pos, eq in plan)
     return _Recipe(scalars, kept, tuple(sums), smallest, steps)
 
 

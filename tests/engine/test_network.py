@@ -83,25 +83,3 @@ def test_optimizer_setting_and_path_cache():
     assert flops(net) > 0
     with pytest.raises(ValueError, match="Unsupported optimize 'fastest'"):
         contract.set_optimizer("fastest")
-
-
-def test_equation_from_legs():
-    """Named legs become letters in order of appearance."""
-    assert contract.equation_from_legs([("n", "c_in"), ("c_in",)], ("n",)) == "ab,b->a"
-
-
-def test_contract_presums_lonely_legs_and_keeps_diagonals():
-    """Legs of one operand are summed early, repeated legs stay diagonals.
-
-    Scalars multiply the result.
-    """
-    torch.manual_seed(0)
-    m, v, w = torch.randn(3, 3), torch.randn(4), torch.randn(4, 5)
-    scale = torch.tensor(0.5)
-    actual = contract.contract(
-        [("a", "a"), ("b",), ("b", "c"), ()], ("c",), [m, v, w, scale]
-    )
-    expected = 0.5 * torch.trace(m) * (v @ w)
-    assert_allclose_report(actual, expected, rtol=1e-6, atol=1e-7)
-    actual = contract.contract([("a", "b"), ("b",)], ("b",), [w.T, v])
-    assert_allclose_report(actual, w.sum(1) * v, rtol=1e-6, atol=1e-7)
