@@ -35,6 +35,7 @@ from torch.nn import Module, functional
 
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.index_pattern import IndexPattern
+from backpack_tn.engine.layout import sum_in_memory_order
 from backpack_tn.engine.network import TensorNetwork, pad
 from backpack_tn.expressions import (
     jac_mat_prod,
@@ -340,16 +341,15 @@ def _vjp_squared(module, spec, strategy, x, mat, sum_batch):
     Returns:
         The GGN diagonal of shape ``[(N,) *weight_shape]``.
     """
-    vjps = _raw_per_sample_vjps(module, spec, strategy, x, mat)
-    squared = vjps.square_().sum(0)
+    vjps = _raw_per_sample_vjps(module, spec, strategy, x, mat).square_()
     if sum_batch:
-        return squared.sum(0).reshape(spec.weight_shape)
-    return squared.reshape(x.shape[0], *spec.weight_shape)
+        return sum_in_memory_order(vjps, (0, 1)).reshape(spec.weight_shape)
+    return sum_in_memory_order(vjps, (0,)).reshape(x.shape[0], *spec.weight_shape)
 
 
 def _vjp_batch_l2(module, spec, strategy, x, mat):
     vjps = _raw_per_sample_vjps(module, spec, strategy, x, mat)
-    return vjps.square_().sum((0, *range(2, vjps.dim())))
+    return sum_in_memory_order(vjps.square_(), (0, *range(2, vjps.dim())))
 
 
 def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
