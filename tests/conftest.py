@@ -2,11 +2,29 @@
 
 from collections.abc import Iterator
 
-from pytest import FixtureRequest, fixture
+from pytest import FixtureRequest, MonkeyPatch, fixture
 
+from backpack_tn.engine import contract
 from test_problems.cases import Problem, build_problem, with_device_marks
 from test_problems.cases_conv import CONV_CASES, CONV_IDS
 from test_problems.cases_linear import LINEAR_CASES, LINEAR_IDS
+
+
+@fixture(autouse=True)
+def gemm_steps_at_any_size(monkeypatch: MonkeyPatch) -> Iterator[None]:
+    """Run pairwise steps through the GEMM executor even on the tests' small shapes.
+
+    Outside tests, steps on small operands go to ``torch.einsum``; the executor
+    (views, copies, Gram products) is what needs the coverage.
+
+    Args:
+        monkeypatch: Pytest's monkeypatch fixture.
+
+    Yields:
+        Nothing; the threshold is restored afterwards.
+    """
+    monkeypatch.setattr(contract, "SMALL_STEP", 0)
+    yield
 
 
 @fixture(params=with_device_marks(LINEAR_CASES), ids=LINEAR_IDS)

@@ -207,122 +207,242 @@ def contract(
     return result if scale is None else result * scale
 
 
-class _SelfProduct(NamedTuple):
-    """A pairwise step that is a Gram product when both operands are one tensor.
+#: Below this many elements in a step's two operands, ``torch.einsum`` runs it:
+#: copies are cheap there and its dispatch is faster than :func:`_bmm_step`'s.
+SMALL_STEP = 1 << 16
 
-    Both operands carry the same legs at the same positions, except for free legs
-    (kept in the result) that differ between them: ``x[b, f, c] x[b, f', c]``
-    summed over ``c``. ``torch.einsum`` would copy ``x`` into a GEMM layout twice,
-    in an order that ignores its strides (on a strided view of a non-overlapping
-    pattern, such a copy can take ten times longer than a well-ordered one). One
-    copy in a good order and :func:`~backpack_tn.engine.gram.gram` do the same work.
+
+class _Pairwise(NamedTuple):
+    """The legs of a pairwise step ``first, second -> output`` by their role.
 
     Attributes:
-        batch: Dimensions of the operand that are batch dimensions.
-        free: Dimensions that are free (different legs in the two operands).
-        contracted: Dimensions that are summed over.
         first: The first operand's letters.
         second: The second operand's letters.
-        output: The step result's letters.
+        output: The result's letters.
+        batch: Letters of both operands and the result.
+        contracted: Letters of both operands only (summed over).
+        gram: Whether the operands carry the same letters at the same positions,
+            except for free letters: a Gram product when both are one tensor.
     """
 
-    batch: tuple[int, ...]
-    free: tuple[int, ...]
-    contracted: tuple[int, ...]
     first: str
     second: str
     output: str
+    batch: str
+    contracted: str
+    gram: bool
 
 
-def _self_product(equation: str) -> _SelfProduct | None:
-    """The Gram form of a pairwise step, if it has one.
+def _pairwise(equation: str) -> _Pairwise | None:
+    """The roles of a pairwise step's legs, if it is a plain batched GEMM.
 
     Args:
-        equation: Einsum equation of a pairwise step.
+        equation: Einsum equation of a step.
 
     Returns:
-        The step's Gram form, or ``None`` when the legs do not have its pattern.
+        The roles, or ``None`` for steps with one or three operands, repeated
+        letters (diagonals), letters of one operand that the result lacks, or no
+        summed letter; ``torch.einsum`` runs those.
     """
     inputs, output = equation.split("->")
     operands = inputs.split(",")
-    if len(operands) != 2 or len(operands[0]) != len(operands[1]):
+    if len(operands) != 2:
         return None
     first, second = operands
     if len(set(first)) != len(first) or len(set(second)) != len(second):
         return None
-    batch, free, contracted = [], [], []
-    for d, (a, b) in enumerate(zip(first, second, strict=True)):
-        if a == b:
-            (batch if a in output else contracted).append(d)
-        elif a in output and b in output and a not in second and b not in first:
-            free.append(d)
-        else:
-            return None
-    legs = [first[d] for d in batch + free] + [second[d] for d in free]
-    if not free or sorted(legs) != sorted(output):
+    if any(leg not in second and leg not in output for leg in first) or any(
+        leg not in first and leg not in output for leg in second
+    ):
         return None
-    return _SelfProduct(
-        tuple(batch), tuple(free), tuple(contracted), first, second, output
+    batch = "".join(leg for leg in first if leg in second and leg in output)
+    contracted = "".join(leg for leg in first if leg in second and leg not in output)
+    if not contracted:
+        return None
+    gram = len(first) == len(second) and all(
+        a == b or (a not in second and b not in first)
+        for a, b in zip(first, second, strict=True)
     )
+    return _Pairwise(first, second, output, batch, contracted, gram)
 
 
-def _gram_operand(
-    x: Tensor, product: _SelfProduct
-) -> tuple[Tensor, list[int], list[int]]:
-    """``x`` as matrices ``[B, F, C]`` for a Gram product, copied at most once.
-
-    A GEMM reads matrices whose rows or columns are contiguous. If a view of ``x``
-    has that layout, it is used. Otherwise ``x`` is copied with its largest
-    dimension innermost: copies whose innermost dimension is short (a size-2
-    kernel leg) are slow.
+def _matrices(
+    x: Tensor, batch: list[int], free: list[int], contracted: list[int]
+) -> Tensor | None:
+    """A view of ``x`` as matrices ``[B, F, C]`` that a GEMM reads without a copy.
 
     Args:
-        x: The operand of the step.
-        product: The step's Gram form.
+        x: An operand.
+        batch: Its batch dimensions, outer to inner.
+        free: Its free dimensions, outer to inner.
+        contracted: Its summed dimensions, outer to inner.
 
     Returns:
-        The matrices, and the order of the batch and free dimensions in them.
+        The view, or ``None`` if the groups do not merge or neither matrix
+        dimension is contiguous.
     """
-    batch = by_stride(x, product.batch)
-    free = by_stride(x, product.free)
-    contracted = by_stride(x, product.contracted)
     for rows, columns in ((free, contracted), (contracted, free)):
         mat = flat_view(x, (batch, rows, columns))
         if mat is not None and 1 in (mat.stride(1), mat.stride(2)):
-            return (mat if rows is free else mat.transpose(1, 2)), batch, free
-    biggest = max(free + contracted, key=x.shape.__getitem__)
-    if biggest in free:
+            return mat if rows is free else mat.transpose(1, 2)
+    return None
+
+
+def _copied_matrices(
+    x: Tensor, batch: list[int], free: list[int], contracted: list[int]
+) -> tuple[Tensor, list[int]]:
+    """``x`` copied into matrices ``[B, F, C]``, its largest dimension innermost.
+
+    Copies whose innermost dimension is short (a size-2 kernel leg) run up to ten
+    times slower than those with a long one. The free dimensions may be
+    reordered, the batch and summed ones not (the other operand shares them).
+
+    Args:
+        x: An operand.
+        batch: Its batch dimensions, outer to inner.
+        free: Its free dimensions, in any order.
+        contracted: Its summed dimensions, outer to inner.
+
+    Returns:
+        The matrices and the order of the free dimensions in them.
+    """
+    free = by_stride(x, free)
+    if free:
+        biggest = max(free, key=x.shape.__getitem__)
         free = [d for d in free if d != biggest] + [biggest]
-        outer, inner = contracted, free
-    else:
-        contracted = [d for d in contracted if d != biggest] + [biggest]
-        outer, inner = free, contracted
+    free_inner = bool(free) and x.shape[free[-1]] > x.shape[contracted[-1]]
+    outer, inner = (contracted, free) if free_inner else (free, contracted)
     sizes = [math.prod(x.shape[d] for d in group) for group in (batch, outer, inner)]
     mat = x.permute(batch + outer + inner).contiguous().view(sizes)
-    return (mat.transpose(1, 2) if inner is free else mat), batch, free
+    return (mat.transpose(1, 2) if free_inner else mat), free
+
+
+def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
+    """A pairwise step as one batched GEMM on views, copying only where needed.
+
+    ``torch.einsum`` copies an operand whenever its dimensions are not in the
+    order it picks, and in an order that ignores the operand's strides. Here the
+    batch and summed dimensions follow the larger operand's memory order, the free
+    ones each operand's own, so that views serve as GEMM matrices wherever the
+    layouts allow it. An operand without such a view has its outer free
+    dimensions turned into GEMM batches (when the step has no other batch), or
+    else is copied once, in a well-ordered pass (:func:`_copied_matrices`).
+
+    Args:
+        a: First operand.
+        b: Second operand.
+        step: The step's leg roles.
+
+    Returns:
+        The step's result.
+    """
+    dims_a = {leg: d for d, leg in enumerate(step.first)}
+    dims_b = {leg: d for d, leg in enumerate(step.second)}
+    big, dims_big = (a, dims_a) if a.numel() >= b.numel() else (b, dims_b)
+    batch = sorted(step.batch, key=lambda leg: -big.stride(dims_big[leg]))
+    contracted = sorted(step.contracted, key=lambda leg: -big.stride(dims_big[leg]))
+    shared = step.batch + step.contracted
+    sides = []
+    for x, dims, letters in ((a, dims_a, step.first), (b, dims_b, step.second)):
+        free = by_stride(x, [d for d, leg in enumerate(letters) if leg not in shared])
+        groups = ([dims[leg] for leg in batch], free, [dims[leg] for leg in contracted])
+        sides.append([x, letters, groups, _matrices(x, *groups), []])
+    if math.prod(big.shape[dims_big[leg]] for leg in batch) == 1:
+        _batch_outer_free(sides)
+    for side in sides:
+        x, _, groups, mat, _ = side
+        if mat is None:
+            side[3], free = _copied_matrices(x, *groups)
+            side[2] = (groups[0], free, groups[2])
+    (
+        (x_a, letters_a, groups_a, mat_a, outer_a),
+        (x_b, letters_b, groups_b, mat_b, outer_b),
+    ) = sides
+    if mat_a.shape[0] != mat_b.shape[0]:  # one side's outer free dimensions batch
+        count = max(mat_a.shape[0], mat_b.shape[0])
+        mat_a, mat_b = mat_a.expand(count, -1, -1), mat_b.expand(count, -1, -1)
+    legs = (
+        list(batch)
+        + [letters_a[d] for d in outer_a]
+        + [letters_b[d] for d in outer_b]
+        + [letters_a[d] for d in groups_a[1]]
+        + [letters_b[d] for d in groups_b[1]]
+    )
+    sizes = [big.shape[dims_big[leg]] for leg in batch]
+    sizes += [x_a.shape[d] for d in outer_a] + [x_b.shape[d] for d in outer_b]
+    sizes += [x_a.shape[d] for d in groups_a[1]] + [x_b.shape[d] for d in groups_b[1]]
+    result = (mat_a @ mat_b.transpose(1, 2)).view(sizes)
+    return result.permute([legs.index(leg) for leg in step.output])
+
+
+def _batch_outer_free(sides: list[list]):
+    """Let the outer free dimensions of the one side without a view be GEMM batches.
+
+    ``x[v, s, a] y[s, b]`` has no GEMM view of ``x`` (``v`` and ``a`` do not
+    merge), but ``x[v]ᵀ y`` for each ``v`` is one: a batched GEMM with ``y``
+    broadcast, which saves copying ``x``. Only for steps whose batch is trivial.
+
+    Args:
+        sides: Per operand ``[x, letters, (batch, free, summed), matrices,
+            outer]``; updated in place where a split works.
+    """
+    missing = [side for side in sides if side[3] is None]
+    if len(missing) != 1:
+        return
+    side = missing[0]
+    x, _, (batch, free, summed), _, _ = side
+    for split in range(1, len(free)):
+        mat = _matrices(x, batch + free[:split], free[split:], summed)
+        if mat is not None:
+            side[2], side[3], side[4] = (batch, free[split:], summed), mat, free[:split]
+            return
+
+
+def _gram_step(x: Tensor, step: _Pairwise) -> Tensor:
+    """A Gram step ``x[b, f, c] x[b, f', c]``: one copy at most, and :func:`gram`.
+
+    Args:
+        x: The operand of both sides.
+        step: The step's leg roles (``step.gram`` holds).
+
+    Returns:
+        The step's result.
+    """
+    batch = by_stride(x, [step.first.index(leg) for leg in step.batch])
+    contracted = by_stride(x, [step.first.index(leg) for leg in step.contracted])
+    free = by_stride(
+        x, [d for d, leg in enumerate(step.first) if leg != step.second[d]]
+    )
+    mat = _matrices(x, batch, free, contracted)
+    if mat is None:
+        mat, free = _copied_matrices(x, batch, free, contracted)
+    shape = [x.shape[d] for d in batch + free + free]
+    legs = [step.first[d] for d in batch + free] + [step.second[d] for d in free]
+    result = gram(mat).view(shape)
+    return result.permute([legs.index(leg) for leg in step.output])
 
 
 def _run_step(
-    step: tuple[tuple[int, ...], str, _SelfProduct | None], operands: list[Tensor]
+    step: tuple[tuple[int, ...], str, _Pairwise | None], operands: list[Tensor]
 ) -> Tensor:
-    """Evaluate one pairwise (or single-operand) step.
+    """Evaluate one step of a contraction.
 
     Args:
-        step: Positions, equation and Gram form of the step.
+        step: Positions, equation and leg roles of the step.
         operands: The step's operands, in the equation's order.
 
     Returns:
         The step's result.
     """
-    _, equation, product = step
-    if product is None or not _same_view(*operands):
+    _, equation, pair = step
+    if pair is None:
         return einsum(equation, *operands)
-    x = operands[0]
-    mat, batch, free = _gram_operand(x, product)
-    shape = [x.shape[d] for d in batch + free + free]
-    legs = [product.first[d] for d in batch + free] + [product.second[d] for d in free]
-    result = gram(mat).view(shape)
-    return result.permute([legs.index(leg) for leg in product.output])
+    a, b = operands
+    if pair.gram and _same_view(a, b):
+        return _gram_step(a, pair)
+    if a.numel() + b.numel() < SMALL_STEP:
+        return einsum(equation, a, b)
+    return _bmm_step(a, b, pair)
 
 
 def _same_view(first: Tensor, second: Tensor) -> bool:
@@ -347,8 +467,8 @@ class _Recipe(NamedTuple):
         kept: Positions of the other operands.
         sums: ``(j, dims)``: sum dimensions ``dims`` of kept operand ``j`` first.
         smallest: Kept operand that scalars multiply.
-        steps: ``(positions, equation, gram_form)`` per pairwise step, as in
-            :func:`_plan`, plus the step's :class:`_SelfProduct` (or ``None``);
+        steps: ``(positions, equation, roles)`` per pairwise step, as in
+            :func:`_plan`, plus the step's :class:`_Pairwise` (or ``None``);
             with at most two kept operands, one step that takes them in order.
     """
 
@@ -356,7 +476,7 @@ class _Recipe(NamedTuple):
     kept: tuple[int, ...]
     sums: tuple[tuple[int, tuple[int, ...]], ...]
     smallest: int
-    steps: tuple[tuple[tuple[int, ...], str, _SelfProduct | None], ...]
+    steps: tuple[tuple[tuple[int, ...], str, _Pairwise | None], ...]
 
 
 @lru_cache(maxsize=4096)
@@ -388,7 +508,7 @@ def _recipe(
         plan = ((tuple(range(len(kept))), equation),)
     else:
         plan = _plan(equation, tuple(kept_shapes), optimize)
-    steps = tuple((pos, eq, _self_product(eq)) for pos, eq in plan)
+    steps = tuple((pos, eq, _pairwise(eq)) for pos, eq in plan)
     return _Recipe(scalars, kept, tuple(sums), smallest, steps)
 
 

@@ -63,13 +63,6 @@ SELF_PRODUCT_CASES = [
         "output": ("k1_", "k0", "k1", "k0_", "n"),
         "id": "patches-kernel-free",
     },
-    {  # no contracted leg: an outer product
-        "operand": lambda x: x.transpose(1, 3),
-        "legs": ("n", "w", "h", "c"),
-        "second": ("n", "w", "h", "c_"),
-        "output": ("n", "w", "h", "c", "c_"),
-        "id": "outer",
-    },
 ]
 SELF_PRODUCT_IDS = [case["id"] for case in SELF_PRODUCT_CASES]
 
@@ -81,18 +74,63 @@ def test_self_product_matches_einsum(case):
     operand = case["operand"](torch.randn(2, 3, 8, 8, dtype=torch.float64))
     legs, second, output = case["legs"], case["second"], case["output"]
     equation = contract.equation_from_legs([legs, second], output)
-    assert contract._self_product(equation) is not None
+    assert contract._pairwise(equation).gram
     for other in (operand, operand.clone()):  # one view twice, and two tensors
         actual = contract.contract([legs, second], output, [operand, other])
         expected = torch.einsum(equation, operand, other)
         assert_allclose_report(actual, expected)
 
 
+#: Pairwise steps and whether they are batched GEMMs (``None``: ``torch.einsum``
+#: runs them) with the Gram product's leg pattern.
+STEP_ROLE_CASES = [
+    ("ab,ab->", True),
+    ("ab,ac->bc", True),
+    ("ab,ba->ab", None),  # no summed leg
+    ("ab,ac->b", None),  # c is summed in one operand only
+    ("aab,ac->bc", None),  # diagonal
+    ("abc,abd->ad", None),
+    ("ab,abc->ac", False),
+    ("abc,bde->acde", False),
+]
+
+
+@pytest.mark.parametrize("equation, gram", STEP_ROLE_CASES, ids=str)
+def test_step_roles(equation, gram):
+    """Steps are GEMMs, Gram products, or left to ``torch.einsum``."""
+    roles = contract._pairwise(equation)
+    assert (roles if roles is None else roles.gram) == gram
+
+
+#: Pairwise steps on operands in different memory orders: (equation, shapes,
+#: permutation applied to each operand's memory order, id).
+GEMM_STEP_CASES = [
+    ("nab,nbc->nac", [(2, 3, 4), (2, 4, 5)], [(0, 1, 2), (0, 1, 2)], "views"),
+    ("nab,nbc->nca", [(2, 3, 4), (2, 4, 5)], [(2, 0, 1), (1, 2, 0)], "permuted"),
+    ("vsa,sb->vab", [(3, 6, 5), (6, 4)], [(0, 1, 2), (1, 0)], "unmerged-free"),
+    ("sb,vsa->bva", [(6, 4), (3, 6, 5)], [(0, 1), (0, 1, 2)], "unmerged-free-second"),
+    (
+        "nkxo,nxkp->opn",
+        [(2, 2, 5, 3), (2, 5, 2, 4)],
+        [(3, 0, 2, 1), (0, 2, 1, 3)],
+        "mixed",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "equation",
-    ["ab,ab->", "ab,ba->ab", "ab,ac->b", "abc,abd->ad", "ab,abc->abc"],
-    ids=["no-free", "swapped", "free-summed", "lonely", "ranks"],
+    "equation, shapes, orders",
+    [c[:3] for c in GEMM_STEP_CASES],
+    ids=[c[3] for c in GEMM_STEP_CASES],
 )
-def test_steps_without_gram_form(equation):
-    """Steps whose legs are not a Gram product's stay ordinary einsums."""
-    assert contract._self_product(equation) is None
+def test_gemm_step_matches_einsum(equation, shapes, orders):
+    """Batched-GEMM steps match ``torch.einsum`` whatever the operands' layouts."""
+    torch.manual_seed(0)
+    operands = []
+    for shape, order in zip(shapes, orders, strict=True):
+        stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
+        operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
+    inputs, output = equation.split("->")
+    legs = [tuple(letters) for letters in inputs.split(",")]
+    actual = contract.contract(legs, tuple(output), operands)
+    assert_allclose_report(actual, torch.einsum(equation, *operands))
