@@ -438,10 +438,10 @@ def _run_step(
     if pair is None:
         return einsum(equation, *operands)
     a, b = operands
-    if pair.gram and _same_view(a, b):
-        return _gram_step(a, pair)
     if a.numel() + b.numel() < SMALL_STEP:
         return einsum(equation, a, b)
+    if pair.gram and _same_view(a, b):
+        return _gram_step(a, pair)
     return _bmm_step(a, b, pair)
 
 
