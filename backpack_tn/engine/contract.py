@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
-from torch import Tensor, einsum
+from torch import Tensor, bmm, einsum
 
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.layout import by_stride, flat_view
@@ -371,7 +371,7 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     sizes = [big.shape[dims_big[leg]] for leg in batch]
     sizes += [x_a.shape[d] for d in outer_a] + [x_b.shape[d] for d in outer_b]
     sizes += [x_a.shape[d] for d in groups_a[1]] + [x_b.shape[d] for d in groups_b[1]]
-    result = (mat_a @ mat_b.transpose(1, 2)).view(sizes)
+    result = bmm(mat_a, mat_b.transpose(1, 2)).view(sizes)
     return result.permute([legs.index(leg) for leg in step.output])
 
 
