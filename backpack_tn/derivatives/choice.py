@@ -9,9 +9,11 @@
   a strided view and one batched GEMM. Otherwise, in this order: a same-order
   grouped convolution for depthwise layers (with several vectors only at stride
   1; strided ones take im2col and one GEMM); batched convolution kernels for one
-  vector on grouped layers with many channels per group, and for several vectors
-  of a single sample (one weight gradient with the vectors as a batch), both
-  beyond ``SMALL_MAP`` output positions; the higher-order convolution of
+  vector on grouped layers with many channels per group beyond ``SMALL_MAP``
+  output positions; for several vectors of a single sample with more than
+  ``FEW_CHANNELS`` input channels per group, one weight gradient with the vectors
+  as a batch from ``MANY_POSITIONS`` output positions on, and im2col of the
+  sample and one GEMM below (Conv2d); the higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
   with several vectors only without groups; for one vector also on Conv1d, and
   on ungrouped stride-1 layers at batch sizes up to ``FEW_SAMPLES``); for
@@ -246,12 +248,18 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             f" {spec.num_positions} output positions: vmap-batched grouped"
             " convolution kernels"
         )
-    if vectors > 1 and samples == 1 and larger_map:
-        return "kernel", (
-            f"one sample, {vectors} vectors on {spec.num_positions} output"
-            " positions: the convolution kernel's weight gradient with the vectors"
-            " as a batch"
-        )
+    if vectors > 1 and samples == 1 and channels > FEW_CHANNELS:
+        if spec.num_positions >= MANY_POSITIONS:
+            return "kernel", (
+                f"one sample, {vectors} vectors on {spec.num_positions} output"
+                " positions: the convolution kernel's weight gradient with the"
+                " vectors as a batch"
+            )
+        if len(spec.patterns) == 2:
+            return "unfold", (
+                f"one sample, {vectors} vectors on {spec.num_positions} output"
+                " positions: PyTorch's im2col kernel on the sample and one GEMM"
+            )
     if vectors == 1:
         few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
         # small batches: the higher-order convolution's groups stay few
