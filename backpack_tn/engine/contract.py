@@ -326,7 +326,10 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     ones each operand's own, so that views serve as GEMM matrices wherever the
     layouts allow it. An operand without such a view has its outer free
     dimensions turned into GEMM batches (when the step has no other batch), or
-    else is copied once, in a well-ordered pass (:func:`_copied_matrices`).
+    else is copied once, in a well-ordered pass (:func:`_copied_matrices`). The
+    result's rows are the free legs of the side that holds the result's first free
+    leg: consumers sum leading legs (vectors, samples), and a sum over outer
+    dimensions runs 3x faster than one over a middle dimension.
 
     Args:
         a: First operand.
@@ -354,24 +357,22 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         if mat is None:
             side[3], free = _copied_matrices(x, *groups)
             side[2] = (groups[0], free, groups[2])
+    first_free = next((leg for leg in step.output if leg not in step.batch), None)
+    if first_free is not None and first_free in step.second:
+        sides.reverse()  # rows: the side whose legs the result lists first
     (
-        (x_a, letters_a, groups_a, mat_a, outer_a),
-        (x_b, letters_b, groups_b, mat_b, outer_b),
+        (x_r, letters_r, groups_r, rows, outer_r),
+        (x_c, letters_c, groups_c, cols, outer_c),
     ) = sides
-    if mat_a.shape[0] != mat_b.shape[0]:  # one side's outer free dimensions batch
-        count = max(mat_a.shape[0], mat_b.shape[0])
-        mat_a, mat_b = mat_a.expand(count, -1, -1), mat_b.expand(count, -1, -1)
-    legs = (
-        list(batch)
-        + [letters_a[d] for d in outer_a]
-        + [letters_b[d] for d in outer_b]
-        + [letters_a[d] for d in groups_a[1]]
-        + [letters_b[d] for d in groups_b[1]]
-    )
+    if rows.shape[0] != cols.shape[0]:  # one side's outer free dimensions batch
+        count = max(rows.shape[0], cols.shape[0])
+        rows, cols = rows.expand(count, -1, -1), cols.expand(count, -1, -1)
+    dims = [(x_r, letters_r, outer_r), (x_c, letters_c, outer_c)]
+    dims += [(x_r, letters_r, groups_r[1]), (x_c, letters_c, groups_c[1])]
+    legs = list(batch) + [letters[d] for _, letters, ds in dims for d in ds]
     sizes = [big.shape[dims_big[leg]] for leg in batch]
-    sizes += [x_a.shape[d] for d in outer_a] + [x_b.shape[d] for d in outer_b]
-    sizes += [x_a.shape[d] for d in groups_a[1]] + [x_b.shape[d] for d in groups_b[1]]
-    result = bmm(mat_a, mat_b.transpose(1, 2)).view(sizes)
+    sizes += [x.shape[d] for x, _, ds in dims for d in ds]
+    result = bmm(rows, cols.transpose(1, 2)).view(sizes)
     return result.permute([legs.index(leg) for leg in step.output])
 
 
