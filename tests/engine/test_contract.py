@@ -134,3 +134,22 @@ def test_gemm_step_matches_einsum(equation, shapes, orders):
     legs = [tuple(letters) for letters in inputs.split(",")]
     actual = contract.contract(legs, tuple(output), operands)
     assert_allclose_report(actual, torch.einsum(equation, *operands))
+
+
+def test_gemm_steps_under_vmap_and_autograd():
+    """GEMM and Gram steps work on batched (``vmap``) and differentiated inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 6, dtype=torch.float64)
+    product = torch.vmap(
+        lambda t: contract.contract([("a", "b"), ("b", "c")], ("a", "c"), [t, y])
+    )
+    assert_allclose_report(product(x), torch.einsum("nab,bc->nac", x, y))
+    gram = torch.vmap(
+        lambda t: contract.contract([("a", "b"), ("a", "c")], ("b", "c"), [t, t])
+    )
+    expected = torch.einsum("nab,nac->nbc", x, x)
+    assert_allclose_report(gram(x), expected)
+    (grad,) = torch.autograd.grad(gram(x).sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert_allclose_report(grad, expected_grad)
