@@ -16,7 +16,8 @@
   sample and one GEMM below (Conv2d); the higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
   with several vectors only without groups; for one vector also on Conv1d, and
-  on ungrouped stride-1 layers at batch sizes up to ``FEW_SAMPLES``); for
+  on ungrouped layers without both stride and padding at batch sizes up to
+  ``FEW_SAMPLES``); for
   one vector, the dense-pattern
   network or im2col and one GEMM (few output positions); for several vectors on
   2d/3d layers with fewer than ``MANY_POSITIONS`` output positions and small
@@ -263,8 +264,13 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if vectors == 1:
         few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
         # small batches: the higher-order convolution's groups stay few
+        # (on padded strided layers it lost up to 2.8x, on unpadded ones it won)
+        padded = any(p.padding != (0, 0) for p in spec.patterns)
         few = few or (
-            spec.groups == 1 and samples <= FEW_SAMPLES and larger_map and not strided
+            spec.groups == 1
+            and samples <= FEW_SAMPLES
+            and larger_map
+            and not (strided and padded)
         )
     else:  # grouped layers with few channels per group lose with several vectors
         few = channels <= FEW_CHANNELS and spec.groups == 1

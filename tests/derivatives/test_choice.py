@@ -88,6 +88,7 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 12, 12), 1, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 24, 24), 1, "unfold"),
+    (lambda: nn.Conv2d(16, 16, 3, 2), (4, 16, 37, 37), 1, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 8, 8), 1, "unfold"),
 ]
 
