@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pytest import FixtureRequest, fixture, mark, raises, skip
 from torch import Tensor, randn
 
-from backpack_tn.derivatives import STRATEGIES
+from backpack_tn.derivatives import STRATEGIES, implementations
 from test_problems import references
 from test_problems.cases import Problem
 from test_problems.compare import assert_allclose_report
@@ -317,6 +317,40 @@ def test_ea_jac_t_mat_jac_prod(layer_problem: Problem, strategy: str):
     assert_allclose_report(
         result, expected, name="ea_jac_t_mat_jac_prod", **layer_problem.tols
     )
+
+
+#: Budgets for the blocks of squared per-sample VJPs, as a function of one VJP's
+#: size: one vector of one sample per block, or all vectors of two samples.
+VJP_BLOCKS = {"one-vector": lambda one: 1, "two-samples": lambda one: 3 * 2 * one}
+
+
+@mark.parametrize("budget", VJP_BLOCKS.values(), ids=VJP_BLOCKS.keys())
+@mark.parametrize("strategy", ["kernel", "unfold"])
+def test_squared_vjps_in_blocks(
+    layer_problem: Problem, strategy: str, budget: Callable, monkeypatch
+):
+    """GGN diagonals and per-sample norms add up the same over blocks of VJPs.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: A strategy whose squared quantities square per-sample VJPs.
+        budget: Block size in bytes, from the bytes of one VJP.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    mat = _randn(3, *module.output.shape, like=x)
+    vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
+    one = module.weight.numel() * mat.element_size()
+    monkeypatch.setattr(implementations, "VJP_BLOCK_BYTES", budget(one))
+    derivatives = _tn_derivatives(layer_problem, strategy)
+    for sum_batch in SUM_BATCH:
+        expected = vjps.square().sum((0, 1) if sum_batch else 0)
+        result = derivatives.weight_diag_ggn(module, mat, sum_batch=sum_batch)
+        name = f"weight_diag_ggn(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+    expected = vjps[:1].square().flatten(2).sum((0, 2))
+    result = derivatives.weight_batch_l2(module, mat[0])
+    assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
 
 
 def test_get_unfolded_input(conv_problem: Problem, strategy: str):
