@@ -11,6 +11,7 @@ Simplification is exact: the simplified network computes the same tensor.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,13 +132,10 @@ class TensorNetwork:
         Returns:
             A new, equivalent network.
         """
-        net = TensorNetwork(
-            list(self.operands),
-            list(self.legs),
-            self.output,
-            list(self.finalizers),
-            self.einsum_output,
-        )
+        net = copy.copy(self)  # validated already; the rewiring keeps it valid
+        net.operands = list(self.operands)
+        net.legs = list(self.legs)
+        net.finalizers = list(self.finalizers)
         for pos in reversed(range(len(net.operands))):
             pattern = net.operands[pos]
             if not isinstance(pattern, IndexPattern):

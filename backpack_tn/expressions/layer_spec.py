@@ -437,6 +437,8 @@ HYPERPARAMETERS = (
 #: Bound on the number of cached layer descriptions.
 MAX_CACHED_SPECS = 1024
 _SPECS: dict[tuple, LayerSpec] = {}
+#: The hyper-parameters each layer type has, in the order of ``HYPERPARAMETERS``.
+_KEY_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def spec_of(module: Module) -> LayerSpec:
@@ -448,9 +450,13 @@ def spec_of(module: Module) -> LayerSpec:
     Returns:
         The layer description.
     """
+    names = _KEY_NAMES.get(type(module))
+    if names is None:  # missing attributes cost an AttributeError on every lookup
+        names = tuple(name for name in HYPERPARAMETERS if hasattr(module, name))
+        _KEY_NAMES[type(module)] = names
     key = (
         type(module),
-        tuple(getattr(module, name, None) for name in HYPERPARAMETERS),
+        tuple(getattr(module, name, None) for name in names),
         tuple(module.input0.shape),
         tuple(module.output.shape),
     )
