@@ -364,38 +364,57 @@ def _vjp_blocks(spec: LayerSpec, mat: Tensor) -> Iterator[tuple[slice, slice]]:
             yield slice(v, v + step_v), slice(n, n + step_n)
 
 
+def _squares_in_blocks(module, spec, strategy, x, mat, dims, per_sample):
+    """Sums of squared per-sample VJPs, formed block by block (``_vjp_blocks``).
+
+    Args:
+        module: The layer.
+        spec: Its description.
+        strategy: The evaluation with ``SQUARE`` appended.
+        x: Layer input of shape ``[N, *input_shape[1:]]``.
+        mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
+        dims: Dimensions of the raw VJPs (``[V, N, ...]``) to sum, as a function
+            of their number of dimensions.
+        per_sample: Whether the samples' dimension stays (then first).
+
+    Returns:
+        The sums, with the dimensions that ``dims`` leaves, in order.
+    """
+    blocks = list(_vjp_blocks(spec, mat))
+    total = None
+    for vectors, samples in blocks:
+        raw = _raw_per_sample_vjps(
+            module, spec, strategy, x[samples], mat[vectors, samples]
+        )
+        part = sum_in_memory_order(raw.square_(), dims(raw.dim()))
+        if len(blocks) == 1:
+            return part
+        if total is None:
+            shape = (x.shape[0], *part.shape[1:]) if per_sample else part.shape
+            total = part.new_zeros(shape)
+        (total[samples] if per_sample else total).add_(part)
+    return total
+
+
 def _vjp_squared(module, spec, strategy, x, mat, sum_batch):
     """GGN diagonal as the squared per-sample VJP of another strategy.
 
     Returns:
         The GGN diagonal of shape ``[(N,) *weight_shape]``.
     """
-    numel = math.prod(spec.weight_shape)
-    result = mat.new_zeros(numel if sum_batch else (x.shape[0], numel))
-    for vectors, samples in _vjp_blocks(spec, mat):
-        raw = _raw_per_sample_vjps(
-            module, spec, strategy, x[samples], mat[vectors, samples]
-        )
-        squared = raw.square_()
-        if sum_batch:
-            result.add_(sum_in_memory_order(squared, (0, 1)).reshape(numel))
-        else:
-            part = sum_in_memory_order(squared, (0,))
-            result[samples].add_(part.reshape(-1, numel))
+    dims = (0, 1) if sum_batch else (0,)
+    sums = _squares_in_blocks(
+        module, spec, strategy, x, mat, lambda _: dims, not sum_batch
+    )
     shape = () if sum_batch else (x.shape[0],)
-    return result.view(*shape, *spec.weight_shape)
+    return sums.reshape(*shape, *spec.weight_shape)
 
 
 def _vjp_batch_l2(module, spec, strategy, x, mat):
-    result = mat.new_zeros(x.shape[0])
-    for vectors, samples in _vjp_blocks(spec, mat):
-        raw = _raw_per_sample_vjps(
-            module, spec, strategy, x[samples], mat[vectors, samples]
-        )
-        result[samples].add_(
-            sum_in_memory_order(raw.square_(), (0, *range(2, raw.dim())))
-        )
-    return result
+    def dims(order: int) -> tuple[int, ...]:
+        return (0, *range(2, order))
+
+    return _squares_in_blocks(module, spec, strategy, x, mat, dims, True)
 
 
 def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
