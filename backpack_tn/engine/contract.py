@@ -2,7 +2,9 @@
 
 The contraction path of a network is computed once per ``(equation, shapes,
 optimiser)`` and cached. The optimiser is a setting: :func:`set_optimizer` changes
-the default, :func:`optimizer` changes it inside a ``with`` block.
+the default, :func:`optimizer` changes it inside a ``with`` block. Large pairwise
+steps run as batched GEMMs on views of their operands (:func:`_bmm_step`), small
+ones through ``torch.einsum``.
 """
 
 from __future__ import annotations
