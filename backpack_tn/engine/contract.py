@@ -3,7 +3,7 @@
 The contraction path of a network is computed once per ``(equation, shapes,
 optimiser)`` and cached. The optimiser is a setting: :func:`set_optimizer` changes
 the default, :func:`optimizer` changes it inside a ``with`` block. Large pairwise
-steps run as batched GEMMs on views of their operands (:func:`_bmm_step`), small
+steps run as batched GEMMs on views of their operands (``_bmm_step``), small
 ones through ``torch.einsum``.
 """
 
@@ -210,7 +210,7 @@ def contract(
 
 
 #: Below this many elements in a step's two operands, ``torch.einsum`` runs it:
-#: copies are cheap there and its dispatch is faster than :func:`_bmm_step`'s.
+#: copies are cheap there and its dispatch is faster than ``_bmm_step``'s.
 SMALL_STEP = 1 << 16
 
 
