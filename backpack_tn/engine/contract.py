@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -350,35 +351,56 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     sides = []
     for x, dims, letters in ((a, dims_a, step.first), (b, dims_b, step.second)):
         free = by_stride(x, [d for d, leg in enumerate(letters) if leg not in shared])
-        groups = ([dims[leg] for leg in batch], free, [dims[leg] for leg in contracted])
-        sides.append([x, letters, groups, _matrices(x, *groups), []])
+        side = _Side(x, letters, [dims[leg] for leg in batch], free)
+        side.summed = [dims[leg] for leg in contracted]
+        side.mat = _matrices(x, side.batch, free, side.summed)
+        sides.append(side)
     if math.prod(big.shape[dims_big[leg]] for leg in batch) == 1:
         _batch_outer_free(sides)
     for side in sides:
-        x, _, groups, mat, _ = side
-        if mat is None:
-            side[3], free = _copied_matrices(x, *groups)
-            side[2] = (groups[0], free, groups[2])
+        if side.mat is None:
+            side.mat, side.free = _copied_matrices(
+                side.x, side.batch, side.free, side.summed
+            )
     first_free = next((leg for leg in step.output if leg not in step.batch), None)
     if first_free is not None and first_free in step.second:
         sides.reverse()  # rows: the side whose legs the result lists first
-    (
-        (x_r, letters_r, groups_r, rows, outer_r),
-        (x_c, letters_c, groups_c, cols, outer_c),
-    ) = sides
+    rows, cols = (side.mat for side in sides)
     if rows.shape[0] != cols.shape[0]:  # one side's outer free dimensions batch
         count = max(rows.shape[0], cols.shape[0])
         rows, cols = rows.expand(count, -1, -1), cols.expand(count, -1, -1)
-    dims = [(x_r, letters_r, outer_r), (x_c, letters_c, outer_c)]
-    dims += [(x_r, letters_r, groups_r[1]), (x_c, letters_c, groups_c[1])]
-    legs = list(batch) + [letters[d] for _, letters, ds in dims for d in ds]
+    order = [(side, side.outer) for side in sides] + [(s, s.free) for s in sides]
+    legs = list(batch) + [side.letters[d] for side, ds in order for d in ds]
     sizes = [big.shape[dims_big[leg]] for leg in batch]
-    sizes += [x.shape[d] for x, _, ds in dims for d in ds]
+    sizes += [side.x.shape[d] for side, ds in order for d in ds]
     result = bmm(rows, cols.transpose(1, 2)).view(sizes)
     return result.permute([legs.index(leg) for leg in step.output])
 
 
-def _batch_outer_free(sides: list[list]):
+@dataclass
+class _Side:
+    """One operand of a GEMM step and how it becomes matrices.
+
+    Attributes:
+        x: The operand.
+        letters: Its letters in the step's equation.
+        batch: Its batch dimensions, in the step's order.
+        free: Its free dimensions (matrix rows), outer to inner.
+        summed: Its summed dimensions, in the step's order.
+        mat: Matrices ``[B, F, C]`` over these dimensions, once found.
+        outer: Free dimensions that became GEMM batches (``_batch_outer_free``).
+    """
+
+    x: Tensor
+    letters: str
+    batch: list[int]
+    free: list[int]
+    summed: list[int] = field(default_factory=list)
+    mat: Tensor | None = None
+    outer: list[int] = field(default_factory=list)
+
+
+def _batch_outer_free(sides: list[_Side]):
     """Let the outer free dimensions of the one side without a view be GEMM batches.
 
     ``x[v, s, a] y[s, b]`` has no GEMM view of ``x`` (``v`` and ``a`` do not
@@ -386,18 +408,17 @@ def _batch_outer_free(sides: list[list]):
     broadcast, which saves copying ``x``. Only for steps whose batch is trivial.
 
     Args:
-        sides: Per operand ``[x, letters, (batch, free, summed), matrices,
-            outer]``; updated in place where a split works.
+        sides: Both operands; updated in place where a split works.
     """
-    missing = [side for side in sides if side[3] is None]
+    missing = [side for side in sides if side.mat is None]
     if len(missing) != 1:
         return
-    side = missing[0]
-    x, _, (batch, free, summed), _, _ = side
-    for split in range(1, len(free)):
-        mat = _matrices(x, batch + free[:split], free[split:], summed)
+    (side,) = missing
+    for split in range(1, len(side.free)):
+        outer, rest = side.free[:split], side.free[split:]
+        mat = _matrices(side.x, side.batch + outer, rest, side.summed)
         if mat is not None:
-            side[2], side[3], side[4] = (batch, free[split:], summed), mat, free[:split]
+            side.mat, side.free, side.outer = mat, rest, outer
             return
 
 
