@@ -12,7 +12,7 @@
   vector on grouped layers with many channels per group beyond ``SMALL_MAP``
   output positions; for several vectors of a single sample with more than
   ``FEW_CHANNELS`` input channels per group, one weight gradient with the vectors
-  as a batch from ``ONE_SAMPLE_POSITIONS`` output positions on, and im2col of the
+  as a batch from ``MANY_POSITIONS`` output positions on, and im2col of the
   sample and one GEMM below (Conv2d); the higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
   with several vectors only without groups; for one vector also on Conv1d, and
@@ -176,12 +176,8 @@ SMALL_MAP = 64
 #: size (it runs one group per sample).
 FEW_SAMPLES = 4
 #: From this many output positions on, batched convolution kernels beat the
-#: dense-pattern network for several vectors of several samples (measured on 2d
-#: layers at N = 8, V = 10, 2 CPU cores: they lose at 64 positions, win from 169).
-MANY_POSITIONS = 128
-#: The same for several vectors of a single sample, where im2col and one GEMM
-#: compete (they win at 169 positions, lose from 784).
-ONE_SAMPLE_POSITIONS = 512
+#: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
+MANY_POSITIONS = 512
 
 _WEIGHT_VJP_OPS = ("weight_jac_t_mat_prod", "weight_diag_ggn", "weight_batch_l2")
 
@@ -254,7 +250,7 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " convolution kernels"
         )
     if vectors > 1 and samples == 1 and channels > FEW_CHANNELS:
-        if spec.num_positions >= ONE_SAMPLE_POSITIONS:
+        if spec.num_positions >= MANY_POSITIONS:
             return "kernel", (
                 f"one sample, {vectors} vectors on {spec.num_positions} output"
                 " positions: the convolution kernel's weight gradient with the"

@@ -81,7 +81,6 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 32, 32), 10, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 32, 32), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 8, 8), 10, "tn"),
-    (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 12, 12), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 24, 24), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 10, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "unfold"),
