@@ -303,13 +303,13 @@ def _copied_matrices(
     Args:
         x: An operand.
         batch: Its batch dimensions, outer to inner.
-        free: Its free dimensions, in any order.
+        free: Its free dimensions in memory order (as :func:`by_stride` sorts them);
+            the largest moves innermost.
         contracted: Its summed dimensions, outer to inner.
 
     Returns:
         The matrices and the order of the free dimensions in them.
     """
-    free = by_stride(x, free)
     if free:
         biggest = max(free, key=x.shape.__getitem__)
         free = [d for d in free if d != biggest] + [biggest]
