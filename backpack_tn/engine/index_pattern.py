@@ -18,10 +18,11 @@ transposed layer's output plays the role of ``i``, its input the role of ``o``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from backpack_tn.engine.tape import constant_cache
 
 #: Supported ``padding_mode`` values.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -157,7 +158,7 @@ class IndexPattern:
         return _dense(self, torch.device(device), dtype)
 
 
-@lru_cache(maxsize=512)
+@constant_cache(maxsize=512)
 def _padding_map(pattern: IndexPattern) -> Tensor:
     size, (left, _) = pattern.input_size, pattern.padding
     q = torch.arange(pattern.padded_size) - left
@@ -172,14 +173,14 @@ def _padding_map(pattern: IndexPattern) -> Tensor:
     return torch.where(reflected >= size, 2 * (size - 1) - reflected, reflected)
 
 
-@lru_cache(maxsize=512)
+@constant_cache(maxsize=512)
 def _index_map(pattern: IndexPattern) -> Tensor:
     k = torch.arange(pattern.kernel_size).unsqueeze(1)
     o = torch.arange(pattern.output_size).unsqueeze(0)
     return _padding_map(pattern)[o * pattern.stride + k * pattern.dilation]
 
 
-@lru_cache(maxsize=256)
+@constant_cache(maxsize=256)
 def _dense(pattern: IndexPattern, device: torch.device, dtype: torch.dtype) -> Tensor:
     index = pattern.index_map()
     valid = index >= 0
