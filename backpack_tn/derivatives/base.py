@@ -12,14 +12,28 @@ the derivative's ``strategy`` says (see :mod:`backpack_tn.derivatives.choice`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Module
 
 from backpack_tn._checks import check_hooked, check_like_weight, check_mat_shape
+from backpack_tn.derivatives import plans
 from backpack_tn.derivatives.choice import check_strategy, choose
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
+
+
+def _flags(tensors: dict) -> tuple:
+    """The non-tensor arguments of a product (part of its plan's key).
+
+    Returns:
+        Their values, in argument order.
+    """
+    return tuple(v for v in tensors.values() if not isinstance(v, Tensor))
+
 
 #: Flavours of the KFAC input factor.
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -47,11 +61,27 @@ class TNDerivativesMixin:
     # dispatch
 
     def _run(self, op: str, module: Module, spec: LayerSpec, **tensors) -> Tensor:
+        inputs = [v for v in tensors.values() if isinstance(v, Tensor)]
+        inputs += [p for p in module._parameters.values() if p is not None]
+        return plans.run(
+            (op, self.strategy, spec, *tensors, *_flags(tensors)),
+            lambda: self._prepare(op, module, spec, tensors),
+            inputs,
+        )
+
+    def _prepare(
+        self, op: str, module: Module, spec: LayerSpec, tensors: dict
+    ) -> Callable[[], Tensor]:
+        """Check the arguments and choose the evaluation of ``op``.
+
+        Returns:
+            The chosen evaluation, bound to its arguments.
+        """
         for name, value in tensors.items():
             if isinstance(value, Tensor):
                 check_like_weight(module, name, value)
         key, _ = choose(op, module, spec, self.strategy, tensors)
-        return IMPLEMENTATIONS[op][key](module, spec, key, **tensors)
+        return partial(IMPLEMENTATIONS[op][key], module, spec, key, **tensors)
 
     def explain(self, op: str, module: Module, **tensors) -> tuple[str, str]:
         """Which evaluation ``op`` gets for this layer, and why.
@@ -390,5 +420,4 @@ class TNDerivativesMixin:
         Returns:
             Output of shape ``[N, *output_shape[1:]]``.
         """
-        spec = LayerSpec.from_module(module, x.shape)
-        return self._run("forward", module, spec, x=x)
+        return self._run("forward", module, spec_of(module, x.shape), x=x)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from backpack_tn.derivatives import plans
 from backpack_tn.derivatives.implementations import (
     IMPLEMENTATIONS,
     SQUARE,
@@ -83,6 +84,7 @@ def set_autotune(enabled: bool):
     """
     _AUTOTUNE["enabled"] = bool(enabled)
     _TUNED.clear()
+    plans.clear_plans()
 
 
 def check_strategy(strategy: str, owner: str):

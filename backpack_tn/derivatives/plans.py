@@ -1,0 +1,130 @@
+"""Recorded evaluations, replayed per layer configuration and input layout.
+
+The first call of a product on a layer configuration evaluates it eagerly under
+:func:`~backpack_tn.engine.tape.capture`; later calls with inputs of the same
+layout (shapes, strides, storage offsets, dtypes, devices) run the recorded
+torch calls directly. This skips building, simplifying and planning the network,
+which costs tens of microseconds per call, and several times that when a
+backward pass through many layers has left the caches cold. An evaluation that
+cannot be recorded exactly stays eager (see :mod:`backpack_tn.engine.tape`).
+
+The settings that steer an evaluation (path optimiser, GEMM and block
+thresholds) are part of the key, so changing them never replays stale code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from backpack_tn.derivatives import implementations
+from backpack_tn.engine import contract
+from backpack_tn.engine.tape import capture, replayable
+
+#: Bound on the number of stored plans; the store is emptied when it is full.
+MAX_PLANS = 4096
+
+_ENABLED = {"enabled": True}
+_PLANS: dict[tuple, Callable[..., Tensor] | None] = {}
+_REFUSALS: dict[tuple, str] = {}
+
+
+def set_replay(enabled: bool):
+    """Replay recorded evaluations (default) or evaluate every call eagerly.
+
+    Args:
+        enabled: Whether to record and replay.
+    """
+    _ENABLED["enabled"] = bool(enabled)
+    clear_plans()
+
+
+def replay_enabled() -> bool:
+    """Whether recorded evaluations are replayed.
+
+    Returns:
+        The current setting.
+    """
+    return _ENABLED["enabled"]
+
+
+def clear_plans():
+    """Forget all recorded evaluations."""
+    _PLANS.clear()
+    _REFUSALS.clear()
+
+
+def _settings() -> tuple:
+    """The module-level settings that change what an evaluation does.
+
+    Returns:
+        Their current values.
+    """
+    return (
+        contract.get_optimizer(),
+        contract.SMALL_STEP,
+        implementations.VJP_BLOCK_BYTES,
+    )
+
+
+def _layout(value: object) -> object:
+    if isinstance(value, Tensor):
+        return (
+            tuple(value.shape),
+            value.stride(),
+            value.storage_offset(),
+            value.dtype,
+            value.device,
+        )
+    return value
+
+
+def run(
+    key: tuple, prepare: Callable[[], Callable[[], Tensor]], inputs: Sequence[Tensor]
+) -> Tensor:
+    """Evaluate through the plan stored for ``key`` and the inputs' layout.
+
+    Args:
+        key: Hashable description of the evaluation apart from its inputs (op,
+            strategy, layer configuration, non-tensor arguments).
+        prepare: Checks the arguments, chooses an evaluation and returns it as a
+            function without arguments that reads ``inputs``. It runs only when
+            no plan is stored, and outside the record (an autotuned choice times
+            its candidates there).
+        inputs: Every tensor the evaluation reads.
+
+    Returns:
+        The evaluation's result (or its replay's).
+    """
+    if not (
+        _ENABLED["enabled"]
+        and all(replayable(t) for t in inputs)
+        and len({id(t) for t in inputs}) == len(inputs)
+    ):
+        return prepare()()
+    full_key = (key, tuple(_layout(t) for t in inputs), _settings())
+    plan = _PLANS.get(full_key, _MISSING)
+    if plan is None:
+        return prepare()()
+    if plan is not _MISSING:
+        return plan(*inputs)
+    result, plan, refusal = capture(prepare(), inputs)
+    if len(_PLANS) >= MAX_PLANS:
+        clear_plans()
+    _PLANS[full_key] = plan
+    if refusal is not None:
+        _REFUSALS[full_key] = refusal
+    return result
+
+
+def refusals() -> dict[tuple, str]:
+    """Why evaluations stayed eager, per stored key (for inspection and tests).
+
+    Returns:
+        Key to reason.
+    """
+    return dict(_REFUSALS)
+
+
+_MISSING = object()
