@@ -441,15 +441,24 @@ _SPECS: dict[tuple, LayerSpec] = {}
 _KEY_NAMES: dict[type, tuple[str, ...]] = {}
 
 
-def spec_of(module: Module) -> LayerSpec:
-    """Describe a layer from the quantities BackPACK stores on it (cached).
+def spec_of(
+    module: Module,
+    input_shape: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
+) -> LayerSpec:
+    """Describe a layer from its hyper-parameters and shapes (cached).
 
     Args:
-        module: A layer with ``input0`` and ``output`` set by BackPACK's hooks.
+        module: A layer. Without shapes, ``input0`` and ``output`` set by
+            BackPACK's hooks give them.
+        input_shape: Shape of the layer input.
+        output_shape: Shape of the layer output (see ``LayerSpec.from_module``).
 
     Returns:
         The layer description.
     """
+    if input_shape is None:
+        input_shape, output_shape = module.input0.shape, module.output.shape
     names = _KEY_NAMES.get(type(module))
     if names is None:  # missing attributes cost an AttributeError on every lookup
         names = tuple(name for name in HYPERPARAMETERS if hasattr(module, name))
@@ -457,13 +466,13 @@ def spec_of(module: Module) -> LayerSpec:
     key = (
         type(module),
         tuple(getattr(module, name, None) for name in names),
-        tuple(module.input0.shape),
-        tuple(module.output.shape),
+        tuple(input_shape),
+        None if output_shape is None else tuple(output_shape),
     )
     spec = _SPECS.get(key)
     if spec is None:
         if len(_SPECS) >= MAX_CACHED_SPECS:
             _SPECS.clear()
-        spec = LayerSpec.from_module(module, module.input0.shape, module.output.shape)
+        spec = LayerSpec.from_module(module, input_shape, output_shape)
         _SPECS[key] = spec
     return spec
