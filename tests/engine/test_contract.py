@@ -153,3 +153,41 @@ def test_gemm_steps_under_vmap_and_autograd():
     (grad,) = torch.autograd.grad(gram(x).sum(), x)
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     assert_allclose_report(grad, expected_grad)
+
+
+#: (name, operand builder, batch, free, contracted dims, expected innermost dims of
+#: the copy): copies keep contiguous dimensions innermost; without a contiguous run
+#: of ``MIN_RUN`` elements, the largest dimension goes innermost.
+COPY_ORDER_CASES = [
+    (
+        "streaming",
+        lambda: torch.randn(10, 8, 128, 28, 28),
+        [1],
+        [0, 2],
+        [3, 4],
+        "contracted",
+    ),
+    (
+        "short_inner_run",
+        lambda: torch.randn(6, 40, 3).permute(0, 2, 1)[:, :2, :],
+        [],
+        [1],
+        [0, 2],
+        "contracted",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "build, batch, free, contracted, inner",
+    [case[1:] for case in COPY_ORDER_CASES],
+    ids=[case[0] for case in COPY_ORDER_CASES],
+)
+def test_copied_matrices_order(build, batch, free, contracted, inner):
+    """Copies stream along the operand's memory, and hold the right entries."""
+    x = build()
+    mat, free_order = contract._copied_matrices(x, batch, free, contracted)
+    expected = x.permute(batch + free_order + contracted).reshape(mat.shape)
+    assert_allclose_report(mat, expected)
+    contracted_inner = mat.stride(2) == 1
+    assert contracted_inner == (inner == "contracted")
