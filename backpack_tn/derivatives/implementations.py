@@ -421,8 +421,9 @@ def _unfold_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
     """Weight VJP as PyTorch's im2col kernel (``F.unfold``) and one batched GEMM.
 
     Only for Conv2d; other layers use the lowered network, which is the same
-    computation with a strided view in place of the im2col kernel. Padding of any
-    amount and mode is applied explicitly first.
+    computation with a strided view in place of the im2col kernel. Even zero
+    padding is left to the im2col kernel; other padding (uneven, non-zero modes)
+    is applied explicitly first.
 
     Returns:
         The weight VJP of shape ``[V, (N,) *weight_shape]``.
@@ -446,11 +447,17 @@ def _unfolded_vjps(spec, x, mat, sum_batch):
         of the GEMM's result.
     """
     first, second = spec.patterns
-    padded = pad(pad(x, 2, first), 3, second)
+    if all(
+        p.padding_mode == "zeros" and len(set(p.padding)) == 1 for p in spec.patterns
+    ):
+        padding = (first.padding[0], second.padding[0])  # im2col pads as it copies
+    else:
+        x, padding = pad(pad(x, 2, first), 3, second), (0, 0)
     unfolded = functional.unfold(
-        padded,
+        x,
         kernel_size=(first.kernel_size, second.kernel_size),
         dilation=(first.dilation, second.dilation),
+        padding=padding,
         stride=(first.stride, second.stride),
     ).unflatten(1, (spec.groups, -1))  # [N, G, B * K0 * K1, O0 * O1]
     mat = mat.flatten(3).unflatten(2, (spec.groups, -1))  # [V, N, G, A, O0 * O1]
