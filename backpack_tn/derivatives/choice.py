@@ -15,7 +15,8 @@
   as a batch from ``MANY_POSITIONS`` output positions on, and im2col of the
   sample and one GEMM below (Conv2d); the higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
-  with several vectors only without groups; for one vector also on Conv1d, and
+  with several vectors only without groups, and not on strided layers for a
+  single sample; for one vector also on Conv1d, and
   on ungrouped layers without both stride and padding at batch sizes up to
   ``FEW_SAMPLES``; never with a kernel of width 1, like 7x1); for one vector,
   the dense-pattern
@@ -274,8 +275,15 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             and larger_map
             and not (strided and padded)
         )
-    else:  # grouped layers with few channels per group lose with several vectors
-        few = channels <= FEW_CHANNELS and spec.groups == 1
+    else:  # grouped layers with few channels per group lose with several vectors,
+        # and so do strided ones on a single sample (GGN diagonal of ResNet18's
+        # first layer, V = 10: 15.1 ms against 11.8 ms for the kernels at N = 1,
+        # but 72 against 82 ms at N = 4)
+        few = (
+            channels <= FEW_CHANNELS
+            and spec.groups == 1
+            and not (strided and samples == 1)
+        )
     # its output is the kernel; oneDNN vectorises over the output's last axis,
     # and a 7x1 kernel ran 1.3x slower than with batched kernels (1x7: 1.6x faster)
     wide = spec.patterns[-1].kernel_size > 1
