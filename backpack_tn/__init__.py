@@ -30,6 +30,7 @@ pattern ``Π`` per spatial dimension; a transposed convolution swaps the roles o
 
 from backpack_tn.derivatives import STRATEGIES, set_autotune
 from backpack_tn.engine.contract import optimizer, set_optimizer
+from backpack_tn.engine.gemm import set_gemm_backend
 from backpack_tn.register import use_tn
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "optimizer",
     "set_autotune",
+    "set_gemm_backend",
     "set_optimizer",
     "use_tn",
 ]

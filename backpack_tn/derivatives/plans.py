@@ -8,8 +8,8 @@ which costs tens of microseconds per call, and several times that when a
 backward pass through many layers has left the caches cold. An evaluation that
 cannot be recorded exactly stays eager (see :mod:`backpack_tn.engine.tape`).
 
-The settings that steer an evaluation (path optimiser, GEMM and block
-thresholds) are part of the key, so changing them never replays stale code.
+The settings that steer an evaluation (path optimiser, GEMM library, GEMM and
+block thresholds) are part of the key, so changing them never replays stale code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from backpack_tn.derivatives import implementations
-from backpack_tn.engine import contract
+from backpack_tn.engine import contract, gemm
 from backpack_tn.engine.tape import capture, replayable
 
 #: Bound on the number of stored plans; the store is emptied when it is full.
@@ -65,6 +65,8 @@ def _settings() -> tuple:
         contract.get_optimizer(),
         contract.SMALL_STEP,
         implementations.VJP_BLOCK_BYTES,
+        gemm.gemm_backend(),
+        gemm.MIN_FLOPS,
     )
 
 

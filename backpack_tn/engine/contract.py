@@ -19,8 +19,9 @@ from typing import NamedTuple
 
 import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
-from torch import Tensor, bmm, einsum
+from torch import Tensor, einsum
 
+from backpack_tn.engine.gemm import gemm_nt
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.layout import by_stride, flat_view
 
@@ -408,7 +409,7 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     legs = list(batch) + [side.letters[d] for side, ds in order for d in ds]
     sizes = [big.shape[dims_big[leg]] for leg in batch]
     sizes += [side.x.shape[d] for side, ds in order for d in ds]
-    result = bmm(rows, cols.transpose(1, 2)).view(sizes)
+    result = gemm_nt(rows, cols).view(sizes)
     return result.permute([legs.index(leg) for leg in step.output])
 
 

@@ -10,7 +10,9 @@ bound by writing the result, take one full GEMM.
 
 from __future__ import annotations
 
-from torch import Tensor, bmm
+from torch import Tensor
+
+from backpack_tn.engine.gemm import gemm_nt
 
 #: Rows per block below which one full GEMM is cheaper than several smaller ones.
 MIN_BLOCK_ROWS = 128
@@ -49,11 +51,11 @@ def gram(mat: Tensor) -> Tensor:
     rows = mat.shape[1]
     blocks = num_blocks(rows, mat.shape[2])
     if blocks == 1:
-        return bmm(mat, mat.transpose(1, 2))
+        return gemm_nt(mat, mat)
     result = mat.new_empty(mat.shape[0], rows, rows)
     edges = [rows * b // blocks for b in range(blocks + 1)]
     for start, stop in zip(edges[:-1], edges[1:], strict=True):
-        block_row = bmm(mat[:, start:stop], mat[:, start:].transpose(1, 2))
+        block_row = gemm_nt(mat[:, start:stop], mat[:, start:])
         width = stop - start
         diagonal = block_row[:, :, :width]
         upper = diagonal.triu(1)

@@ -1,0 +1,99 @@
+"""Tests for ``backpack_tn.engine.gemm``: both libraries compute ``a @ bᵀ``."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.func import vmap
+
+from backpack_tn.engine import gemm
+from test_problems.compare import assert_allclose_report
+
+ONEDNN = pytest.mark.skipif(
+    not gemm._onednn_available(), reason="this PyTorch build has no oneDNN GEMM"
+)
+
+
+def _batched(batch, rows, inner, columns, dtype):
+    a = torch.randn(batch, rows, inner, dtype=dtype)
+    b = torch.randn(batch, columns, inner, dtype=dtype)
+    return a, b
+
+
+#: (name, builder of (a [B, M, K], b [B, N, K])): one matrix, a batch with strided
+#: operands, a broadcast right operand, and one with both sides broadcast.
+GEMM_CASES = [
+    ("single", lambda dtype: _batched(1, 33, 17, 9, dtype)),
+    (
+        "batch_strided",
+        lambda dtype: (
+            torch.randn(3, 17, 40, dtype=dtype).transpose(1, 2)[:, :33],
+            torch.randn(3, 9, 34, dtype=dtype)[:, :, 1:18],
+        ),
+    ),
+    (
+        "broadcast_right",
+        lambda dtype: (
+            torch.randn(4, 33, 17, dtype=dtype),
+            torch.randn(1, 9, 17, dtype=dtype).expand(4, -1, -1),
+        ),
+    ),
+    (
+        "broadcast_left_rows",
+        lambda dtype: (
+            torch.randn(33, 4, 17, dtype=dtype).transpose(0, 1),
+            torch.randn(1, 9, 17, dtype=dtype).expand(4, -1, -1),
+        ),
+    ),
+]
+GEMM_IDS = [name for name, _ in GEMM_CASES]
+TOLS = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {}}
+
+
+@pytest.fixture
+def backend() -> Iterator[None]:
+    """Restore the default backend after a test.
+
+    Yields:
+        Nothing.
+    """
+    yield
+    gemm.set_gemm_backend("auto")
+
+
+@ONEDNN
+@pytest.mark.parametrize("dtype", TOLS, ids=str)
+@pytest.mark.parametrize("build", [b for _, b in GEMM_CASES], ids=GEMM_IDS)
+def test_onednn_matches_bmm(build, dtype, backend, monkeypatch):
+    """oneDNN computes the batched products that ``bmm`` computes."""
+    torch.manual_seed(0)
+    a, b = build(dtype)
+    expected = torch.bmm(a.float(), b.float().transpose(1, 2)).to(dtype)
+    monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
+    gemm.set_gemm_backend("onednn")
+    assert gemm.gemm_backend() == "onednn"
+    assert_allclose_report(gemm.gemm_nt(a, b), expected, **TOLS[dtype])
+
+
+def test_bmm_where_onednn_cannot_serve(backend, monkeypatch):
+    """float64, gradients and ``torch.func`` transforms take ``bmm``."""
+    monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
+    gemm.set_gemm_backend("onednn")
+    a, b = _batched(2, 5, 4, 3, torch.float64)
+    assert_allclose_report(gemm.gemm_nt(a, b), torch.bmm(a, b.transpose(1, 2)))
+    a, b = _batched(2, 5, 4, 3, torch.float32)
+    a.requires_grad_(True)
+    gemm.gemm_nt(a, b).sum().backward()
+    assert_allclose_report(a.grad, b.sum(1, keepdim=True).expand(-1, 5, -1))
+    products = vmap(lambda x, y: gemm.gemm_nt(x[None], y[None])[0])(a.detach(), b)
+    assert_allclose_report(products, torch.bmm(a.detach(), b.transpose(1, 2)))
+
+
+def test_backend_setting(backend):
+    """``'bmm'`` is kept, ``'auto'`` resolves by the probe, others are refused."""
+    gemm.set_gemm_backend("bmm")
+    assert gemm.gemm_backend() == "bmm"
+    gemm.set_gemm_backend("auto")
+    assert gemm.gemm_backend() in ("bmm", "onednn")
+    with pytest.raises(ValueError, match="Unsupported GEMM backend 'mkl'"):
+        gemm.set_gemm_backend("mkl")
