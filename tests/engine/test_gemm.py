@@ -65,7 +65,7 @@ def backend() -> Iterator[None]:
 @pytest.mark.parametrize("dtype", TOLS, ids=str)
 @pytest.mark.parametrize("build", [b for _, b in GEMM_CASES], ids=GEMM_IDS)
 def test_onednn_matches_bmm(build, dtype, backend, monkeypatch):
-    """oneDNN computes the batched products that ``bmm`` computes."""
+    """The oneDNN GEMM computes the batched products that ``bmm`` computes."""
     torch.manual_seed(0)
     a, b = build(dtype)
     expected = torch.bmm(a.float(), b.float().transpose(1, 2)).to(dtype)
