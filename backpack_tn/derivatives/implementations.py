@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
+from backpack_tn.engine.gemm import linear
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.index_pattern import IndexPattern
 from backpack_tn.engine.layout import sum_in_memory_order
@@ -188,7 +189,7 @@ def layer_function(module: Module, spec: LayerSpec) -> Callable[..., Tensor]:
         ``f(x, weight, bias=None)`` with ``x`` of shape ``[N, *input_shape[1:]]``.
     """
     if spec.kind == "linear":
-        return functional.linear
+        return linear
     if spec.kind == "conv":
         return partial(_conv, module)
     return partial(
@@ -276,7 +277,7 @@ def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
     flat, weight = mat.flatten(0, 1), module.weight.detach()
     dims = len(spec.patterns)
     if spec.kind == "linear":
-        result = flat @ weight
+        result = linear(flat, weight.T)
     elif spec.kind == "conv" and has_even_zero_padding(module, spec):
         hyperparameters = {
             "stride": module.stride,

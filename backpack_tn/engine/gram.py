@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from backpack_tn.engine.gemm import gemm_nt
+from backpack_tn.engine.gemm import gemm_nt, uses_onednn
 
 #: Rows per block below which one full GEMM is cheaper than several smaller ones.
 MIN_BLOCK_ROWS = 128
@@ -52,6 +52,9 @@ def gram(mat: Tensor) -> Tensor:
     blocks = num_blocks(rows, mat.shape[2])
     if blocks == 1:
         return gemm_nt(mat, mat)
+    if mat.stride(2) != 1 and uses_onednn(mat, mat, 2 * rows * rows * mat.shape[2]):
+        # oneDNN copies a right operand that is not contiguous, once per block
+        mat = mat.contiguous()
     result = mat.new_empty(mat.shape[0], rows, rows)
     edges = [rows * b // blocks for b in range(blocks + 1)]
     for start, stop in zip(edges[:-1], edges[1:], strict=True):

@@ -1,8 +1,11 @@
 """Tests of ``backpack_tn.engine.gram``."""
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from backpack_tn.engine import gemm
 from backpack_tn.engine.gram import (
     MAX_BLOCKS,
     MIN_BLOCK_ROWS,
@@ -22,18 +25,36 @@ SHAPES = [
 SHAPE_IDS = [f"B={b}-I={i}-M={m}" for b, i, m in SHAPES]
 
 
+@pytest.fixture(params=["bmm", "onednn"])
+def backend(request, monkeypatch) -> Iterator[str]:
+    """GEMM library of the blocks; oneDNN serves float32 GEMMs of any size here.
+
+    Yields:
+        The backend's name.
+    """
+    if request.param == "onednn" and not gemm._onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN GEMM")
+    monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
+    gemm.set_gemm_backend(request.param)
+    yield request.param
+    gemm.set_gemm_backend("auto")
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_gram_matches_full_product(shape, transposed):
+def test_gram_matches_full_product(shape, transposed, backend):
     """The Gram matrix equals the full product; in blocks, it is exactly symmetric."""
     torch.manual_seed(0)
     batch, rows, cols = shape
+    dtype = torch.float64 if backend == "bmm" else torch.float32
     if transposed:
-        mat = torch.randn(batch, cols, rows, dtype=torch.float64).transpose(1, 2)
+        mat = torch.randn(batch, cols, rows, dtype=dtype).transpose(1, 2)
     else:
-        mat = torch.randn(batch, rows, cols, dtype=torch.float64)
+        mat = torch.randn(batch, rows, cols, dtype=dtype)
     result = gram(mat)
-    assert_allclose_report(result, mat @ mat.transpose(1, 2))
+    expected = (mat.double() @ mat.double().transpose(1, 2)).to(dtype)
+    tols = {} if backend == "bmm" else {"rtol": 1e-4, "atol": 1e-4}
+    assert_allclose_report(result, expected, **tols)
     if num_blocks(rows, cols) > 1:
         assert torch.equal(result, result.transpose(1, 2))
 
