@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
+from backpack_tn.engine.contract import contract
 from backpack_tn.engine.gemm import linear
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.index_pattern import IndexPattern
@@ -475,8 +476,10 @@ def _unfolded_vjps(spec, x, mat, sum_batch):
         stride=(first.stride, second.stride),
     ).unflatten(1, (spec.groups, -1))  # [N, G, B * K0 * K1, O0 * O1]
     mat = mat.flatten(3).unflatten(2, (spec.groups, -1))  # [V, N, G, A, O0 * O1]
-    equation = "ngko,vngao->vgak" if sum_batch else "ngko,vngao->vngak"
-    return torch.einsum(equation, unfolded, mat)
+    output = ("v", "g", "a", "k") if sum_batch else ("v", "n", "g", "a", "k")
+    return contract(
+        [("n", "g", "k", "o"), ("v", "n", "g", "a", "o")], output, [unfolded, mat]
+    )
 
 
 def _raw_per_sample_vjps(module, spec, strategy, x, mat):
