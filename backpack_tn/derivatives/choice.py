@@ -13,7 +13,10 @@
   output positions; for several vectors of a single sample with more than
   ``FEW_CHANNELS`` input channels per group, one weight gradient with the vectors
   as a batch from ``MANY_POSITIONS`` output positions on, and im2col of the
-  sample and one GEMM below (Conv2d); the higher-order convolution of
+  sample and one GEMM below (Conv2d); for one vector on ungrouped Conv2d with
+  more than ``FEW_CHANNELS`` input channels that is strided, has a kernel of
+  width 1 or at least ``MANY_OUTPUTS`` output channels, im2col and one GEMM; the
+  higher-order convolution of
   Rochette et al. for few input channels (it repeats the input for every vector;
   with several vectors only without groups, and not on strided layers for a
   single sample; for one vector also on Conv1d, and
@@ -178,6 +181,9 @@ SMALL_MAP = 64
 #: Per-sample VJPs of one vector use the higher-order convolution up to this batch
 #: size (it runs one group per sample).
 FEW_SAMPLES = 4
+#: From this many output channels on, im2col and one GEMM beat the higher-order
+#: convolution for one vector (the im2col copy is small next to the GEMM).
+MANY_OUTPUTS = 192
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512
@@ -264,6 +270,19 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
                 f"one sample, {vectors} vectors on {spec.num_positions} output"
                 " positions: PyTorch's im2col kernel on the sample and one GEMM"
             )
+    wide = spec.patterns[-1].kernel_size > 1
+    if (
+        vectors == 1
+        and len(spec.patterns) == 2
+        and spec.groups == 1
+        and channels > FEW_CHANNELS
+        and (strided or not wide or spec.out_channels >= MANY_OUTPUTS)
+    ):
+        return "unfold", (
+            f"one vector, {'strided, ' if strided else ''}{spec.out_channels} output"
+            f" channels, {'x'.join(map(str, spec.kernel_size))} kernel: PyTorch's"
+            " im2col kernel and one batched GEMM"
+        )
     if vectors == 1:
         few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
         # small batches: the higher-order convolution's groups stay few
@@ -286,7 +305,6 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         )
     # its output is the kernel; oneDNN vectorises over the output's last axis,
     # and a 7x1 kernel ran 1.3x slower than with batched kernels (1x7: 1.6x faster)
-    wide = spec.patterns[-1].kernel_size > 1
     if few and wide and _stock_compatible(spec) and len(spec.patterns) < 3:
         return "higher_conv", (
             f"{vectors} vector(s), {samples} sample(s), {len(spec.patterns)}d with"
