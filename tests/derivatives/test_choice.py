@@ -90,7 +90,12 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 24, 24), 1, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, 2), (4, 16, 37, 37), 1, "unfold"),
     (lambda: nn.Conv2d(16, 16, (7, 1), padding=(3, 0)), (4, 16, 17, 17), 1, "unfold"),
-    (lambda: nn.Conv2d(16, 16, (1, 7), padding=(0, 3)), (4, 16, 17, 17), 1, "higher_conv"),
+    (
+        lambda: nn.Conv2d(16, 16, (1, 7), padding=(0, 3)),
+        (4, 16, 17, 17),
+        1,
+        "higher_conv",
+    ),
     (lambda: nn.Conv2d(16, 192, 3, padding=1), (4, 16, 17, 17), 1, "unfold"),
     (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 64, 64), 1, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 8, 8), 1, "unfold"),
