@@ -26,6 +26,10 @@ from torch import Tensor, bmm
 BACKENDS = ("auto", "bmm", "onednn")
 #: Smallest GEMM (in FLOPs, per matrix of a batch) that goes to oneDNN.
 MIN_FLOPS = 2**22
+#: GEMMs whose operands oneDNN would have to copy (MKL reads transposed ones as
+#: they lie) need this many times ``MIN_FLOPS``: a transposing copy of a Gram
+#: operand ``[49, 2048]`` took as long as its GEMM.
+COPY_PENALTY = 32
 #: oneDNN must beat MKL by this factor on the probe to be used by ``'auto'``.
 MARGIN = 1.2
 #: Probe GEMM ``[M, K] @ [K, N]`` timed by ``'auto'``.
@@ -79,19 +83,33 @@ def _onednn_available() -> bool:
 def _linear(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a @ bᵀ + bias`` by oneDNN for matrices ``a [M, K]`` and ``b [N, K]``.
 
-    oneDNN reorders a right operand that is neither contiguous nor exactly
-    transposed element by element: a row-major ``b`` with a leading dimension
-    above ``K`` took 22 s instead of 11 ms. Such an operand is copied first, and
-    so is a left operand strided along both dimensions.
+    oneDNN copies a left operand that is not contiguous, and reorders a right
+    operand that is neither contiguous nor exactly transposed element by element:
+    a row-major ``b`` with a leading dimension above ``K`` took 22 s instead of
+    11 ms. Such a right operand is copied first; without a bias, a product whose
+    left operand is transposed and whose right one is contiguous is computed
+    transposed, ``(b @ aᵀ)ᵀ``, which copies nothing. An operand that serves as
+    both is copied once.
 
     Returns:
-        The product, of shape ``[M, N]``.
+        The product, of shape ``[M, N]`` (possibly a transposed view).
     """
-    if not (b.is_contiguous() or b.T.is_contiguous()):
+    if a is b and not a.is_contiguous():
+        a = b = a.contiguous()
+    if bias is None and not a.is_contiguous() and b.is_contiguous() and _readable(a):
+        return _linear(b, a).T
+    if not _readable(b):
         b = b.contiguous()
-    if 1 not in a.stride():
-        a = a.contiguous()
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def _readable(b: Tensor) -> bool:
+    """Whether oneDNN reads a right operand as it lies (contiguous or transposed).
+
+    Returns:
+        ``True`` for contiguous and exactly transposed contiguous matrices.
+    """
+    return b.is_contiguous() or b.T.is_contiguous()
 
 
 def _onednn_is_faster() -> bool:
@@ -128,13 +146,14 @@ def _onednn_bmm(a: Tensor, b: Tensor) -> Tensor:
         The products of shape ``[B, M, N]``.
     """
     if a.shape[0] == 1:
-        return _linear(a[0], b[0]).unsqueeze(0)
+        return _linear(a[0], b[0]).contiguous().unsqueeze(0)
     if b.stride(0) == 0 and a.stride(0) == a.shape[1] * a.stride(1):
         batch, rows = a.shape[:2]  # a shared right operand: one call
         return _linear(a.reshape(batch * rows, -1), b[0]).view(batch, rows, -1)
     result = a.new_empty(a.shape[0], a.shape[1], b.shape[1])
     for i in range(a.shape[0]):
-        result[i] = _linear(a[i], b[i])
+        left = a[i]
+        result[i] = _linear(left, left if a is b else b[i])  # a Gram product
     return result
 
 
@@ -167,9 +186,25 @@ def gemm_nt(a: Tensor, b: Tensor) -> Tensor:
     Returns:
         The products, of shape ``[B, M, N]``.
     """
-    if uses_onednn(a, b, 2 * a.shape[1] * b.shape[1] * a.shape[2]):
+    flops = 2 * a.shape[1] * b.shape[1] * a.shape[2]
+    if uses_onednn(a, b, flops) and (
+        flops >= COPY_PENALTY * MIN_FLOPS or _copy_free(a[0], b[0])
+    ):
         return _onednn_bmm(a, b)
     return bmm(a, b.transpose(1, 2))
+
+
+def _copy_free(a: Tensor, b: Tensor) -> bool:
+    """Whether oneDNN multiplies ``a @ bᵀ`` without copying an operand.
+
+    Returns:
+        ``True`` if one operand is contiguous and the other contiguous or exactly
+        transposed (and, for a product of a matrix with itself, if it is
+        contiguous).
+    """
+    if a is b or a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return a.is_contiguous()
+    return (a.is_contiguous() and _readable(b)) or (b.is_contiguous() and _readable(a))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

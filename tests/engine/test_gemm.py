@@ -127,3 +127,23 @@ def test_onednn_copies_right_operands_it_cannot_read(backend, monkeypatch):
     gemm.set_gemm_backend("onednn")
     expected = torch.bmm(a, b.transpose(1, 2))
     assert_allclose_report(gemm.gemm_nt(a, b), expected, **TOLS[a.dtype])
+
+
+@ONEDNN
+def test_onednn_only_without_copies_below_the_penalty(backend, monkeypatch):
+    """Mid-sized GEMMs go to oneDNN only if it needs no copy of an operand."""
+    calls = []
+    onednn_bmm = gemm._onednn_bmm
+    monkeypatch.setattr(
+        gemm, "_onednn_bmm", lambda a, b: calls.append(1) or onednn_bmm(a, b)
+    )
+    gemm.set_gemm_backend("onednn")
+    x = torch.randn(2, 64, 48)
+    flops = 2 * 48 * 48 * 64
+    monkeypatch.setattr(gemm, "MIN_FLOPS", flops)
+    transposed = x.transpose(1, 2)  # a Gram operand oneDNN would copy
+    for a, b, uses_onednn in [(x, x, True), (transposed, transposed, False)]:
+        calls.clear()
+        result = gemm.gemm_nt(a, b)
+        assert bool(calls) == uses_onednn
+        assert_allclose_report(result, torch.bmm(a, b.transpose(1, 2)), **TOLS[x.dtype])
