@@ -24,8 +24,11 @@ from torch import Tensor, bmm
 #: GEMM backends: ``'auto'`` measures, ``'bmm'`` is MKL (cuBLAS on CUDA), and
 #: ``'onednn'`` uses oneDNN for large CPU GEMMs where it can.
 BACKENDS = ("auto", "bmm", "onednn")
-#: Smallest GEMM (in FLOPs, per matrix of a batch) that goes to oneDNN.
+#: Smallest GEMM (in FLOPs) that goes to oneDNN in one call.
 MIN_FLOPS = 2**22
+#: Smallest GEMM per matrix of a batch that oneDNN runs one call at a time: with
+#: four matrices of 5 MFLOP each, the calls cost 1.7x the time of one ``bmm``.
+LOOP_MIN_FLOPS = 2**24
 #: GEMMs whose operands oneDNN would have to copy (MKL reads transposed ones as
 #: they lie) need this many times ``MIN_FLOPS``: a transposing copy of a Gram
 #: operand ``[49, 2048]`` took as long as its GEMM.
@@ -147,7 +150,7 @@ def _onednn_bmm(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.shape[0] == 1:
         return _linear(a[0], b[0]).contiguous().unsqueeze(0)
-    if b.stride(0) == 0 and a.stride(0) == a.shape[1] * a.stride(1):
+    if _one_call(a, b):
         batch, rows = a.shape[:2]  # a shared right operand: one call
         return _linear(a.reshape(batch * rows, -1), b[0]).view(batch, rows, -1)
     result = a.new_empty(a.shape[0], a.shape[1], b.shape[1])
@@ -187,11 +190,25 @@ def gemm_nt(a: Tensor, b: Tensor) -> Tensor:
         The products, of shape ``[B, M, N]``.
     """
     flops = 2 * a.shape[1] * b.shape[1] * a.shape[2]
+    if not _one_call(a, b):  # a loop of calls, each with its own overhead
+        flops = flops * MIN_FLOPS // LOOP_MIN_FLOPS
     if uses_onednn(a, b, flops) and (
         flops >= COPY_PENALTY * MIN_FLOPS or _copy_free(a[0], b[0])
     ):
         return _onednn_bmm(a, b)
     return bmm(a, b.transpose(1, 2))
+
+
+def _one_call(a: Tensor, b: Tensor) -> bool:
+    """Whether oneDNN computes the batch in one call.
+
+    Returns:
+        ``True`` for a single matrix, or a right operand shared by the batch
+        whose left matrices stack into one.
+    """
+    return a.shape[0] == 1 or (
+        b.stride(0) == 0 and a.stride(0) == a.shape[1] * a.stride(1)
+    )
 
 
 def _copy_free(a: Tensor, b: Tensor) -> bool:
