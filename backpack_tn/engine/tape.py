@@ -5,7 +5,7 @@ tens of microseconds in Python around a handful of torch calls, and more when th
 CPU caches are cold, as they are in a backward pass that visits many layers. Every
 decision it takes depends only on its inputs' shapes, strides, storage offsets,
 dtypes and devices. :func:`capture` runs it once under a
-:class:`~torch.overrides.TorchFunctionMode` that records each top-level torch call
+``torch.overrides.TorchFunctionMode`` that records each top-level torch call
 with its arguments, and compiles the record into a function that makes the same
 calls on new inputs of the same layout, and nothing else.
 
