@@ -20,7 +20,7 @@ from torch import Tensor
 
 from backpack_tn.derivatives import implementations
 from backpack_tn.engine import contract, gemm
-from backpack_tn.engine.tape import capture, replayable
+from backpack_tn.engine.tape import capture, input_problem
 
 #: Bound on the number of stored plans; the store is emptied when it is full.
 MAX_PLANS = 4096
@@ -38,15 +38,6 @@ def set_replay(enabled: bool):
     """
     _ENABLED["enabled"] = bool(enabled)
     clear_plans()
-
-
-def replay_enabled() -> bool:
-    """Whether recorded evaluations are replayed.
-
-    Returns:
-        The current setting.
-    """
-    return _ENABLED["enabled"]
 
 
 def clear_plans():
@@ -99,11 +90,7 @@ def run(
     Returns:
         The evaluation's result (or its replay's).
     """
-    if not (
-        _ENABLED["enabled"]
-        and all(replayable(t) for t in inputs)
-        and len({id(t) for t in inputs}) == len(inputs)
-    ):
+    if not _ENABLED["enabled"] or input_problem(inputs) is not None:
         return prepare()()
     full_key = (key, tuple(_layout(t) for t in inputs), _settings())
     plan = _PLANS.get(full_key, _MISSING)

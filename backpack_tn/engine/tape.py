@@ -138,6 +138,22 @@ def replayable(tensor: Tensor) -> bool:
     )
 
 
+def input_problem(inputs: Sequence[Tensor]) -> str | None:
+    """Why a record or a replay cannot take these inputs.
+
+    Args:
+        inputs: The tensors of an evaluation.
+
+    Returns:
+        The reason, or ``None`` if they can be recorded and replayed.
+    """
+    if not all(replayable(t) for t in inputs):
+        return "an input is wrapped or a tensor subclass"
+    if len({id(t) for t in inputs}) != len(inputs):
+        return "the same tensor is passed twice"
+    return None
+
+
 class UnrecordableError(Exception):
     """A call that a record cannot replay exactly."""
 
@@ -317,10 +333,9 @@ def capture(
         The evaluation's result, the replay function ``replay(*inputs)`` (or
         ``None``) and, without a replay function, the reason.
     """
-    if not all(replayable(t) for t in inputs):
-        return evaluation(), None, "an input is wrapped or a tensor subclass"
-    if len({id(t) for t in inputs}) != len(inputs):
-        return evaluation(), None, "the same tensor is passed twice"
+    problem = input_problem(inputs)
+    if problem is not None:
+        return evaluation(), None, problem
     recorder = _Recorder(inputs)
     with recorder:
         result = evaluation()
