@@ -252,10 +252,10 @@ class _Recorder(TorchFunctionMode):
         elif (
             isinstance(result, tuple | list)
             and not isinstance(result, torch.Size)
-            and result
-            and all(isinstance(r, Tensor) for r in result)
-        ):
-            outputs = list(result)
+            and any(isinstance(r, Tensor) for r in result)
+            and all(isinstance(r, Tensor) or r is None for r in result)
+        ):  # e.g. convolution_backward's (None, grad_weight, None)
+            outputs = [r for r in result if r is not None]
         elif name in QUERIES:
             for value in (*args, *kwargs.values()):
                 if isinstance(value, Tensor):
@@ -283,7 +283,9 @@ class _Recorder(TorchFunctionMode):
         if isinstance(result, Tensor):
             code = f"{targets[0]} = {code}"
         elif outputs:
-            code = f"{', '.join(targets)}, = {code}"
+            names = iter(targets)
+            unpacked = ", ".join("_" if r is None else next(names) for r in result)
+            code = f"{unpacked}, = {code}"
         self.lines.append((code, used, targets))
 
 

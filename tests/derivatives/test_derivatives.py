@@ -353,6 +353,37 @@ def test_squared_vjps_in_blocks(
     assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
 
 
+#: Budgets for the blocks of the kernel route's per-sample VJPs of three vectors, as
+#: a function of one sample's input bytes and one vector's bytes per sample.
+KERNEL_BLOCKS = {
+    "one-vector": lambda sample, vector: 1,
+    "two-vectors": lambda sample, vector: sample + 2 * vector,
+    "two-samples": lambda sample, vector: 2 * (sample + 3 * vector),
+}
+
+
+@mark.parametrize("budget", KERNEL_BLOCKS.values(), ids=KERNEL_BLOCKS.keys())
+def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypatch):
+    """Per-sample weight VJPs of the kernel route are the same in any blocks.
+
+    Args:
+        conv_problem: Convolution problem.
+        budget: Block size in bytes, from one sample's and one vector's bytes.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = conv_problem.module, conv_problem.x
+    mat = _randn(3, *module.output.shape, like=x)
+    expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
+    size = x.element_size()
+    bytes_ = budget(x[0].numel() * size, mat[0, 0].numel() * size)
+    monkeypatch.setattr(implementations, "KERNEL_BLOCK_BYTES", bytes_)
+    derivatives = _tn_derivatives(conv_problem, "kernel")
+    result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch=False)
+    assert_allclose_report(
+        result, expected, name="weight_jac_t_mat_prod", **conv_problem.tols
+    )
+
+
 def test_get_unfolded_input(conv_problem: Problem, strategy: str):
     """Unfolded input ``[N, C_in * prod(K), prod(O)]`` of (transpose) convolutions.
 

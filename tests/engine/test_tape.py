@@ -25,6 +25,25 @@ def _pieces(x, w):
     return (first * second).unsqueeze(0) @ w.T
 
 
+# A call whose results are tensors and ``None`` (a weight-only gradient).
+def _weight_gradient(x, w):
+    weight = w.new_zeros(()).expand(2, 3, 3)
+    _, gradient, _ = torch.ops.aten.convolution_backward(
+        w.T[:2].unsqueeze(0),
+        x.unsqueeze(0),
+        weight,
+        None,
+        (1,),
+        (0,),
+        (1,),
+        False,
+        (0,),
+        1,
+        (False, True, False),
+    )
+    return gradient
+
+
 # Control flow on tensor values: not replayable.
 def _reads_values(x, w):
     return x * 2 if x.sum().item() > 0 else x * 3
@@ -43,7 +62,10 @@ def _returns_a_tuple(x, w):
 OUTSIDE = torch.ones(3, 7)
 
 #: (name, function of x [3, 7] and w [5, 3]) whose records replay exactly.
-REPLAYABLE = [("views_and_products", _views_and_products)]
+REPLAYABLE = [
+    ("views_and_products", _views_and_products),
+    ("weight_gradient", _weight_gradient),
+]
 #: (name, function, part of the refusal's reason).
 REFUSED = [
     ("reads_values", _reads_values, "item returned"),
