@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from math import prod
 
 import torch
 from torch import Tensor
@@ -176,14 +177,18 @@ DENSE_PATTERN_LIMIT = 2**18
 FEW_CHANNELS = 8
 #: Per-sample VJPs use the dense-pattern network up to this many output positions.
 FEW_POSITIONS = 256
-#: Up to this many output positions, GEMMs over channels beat convolution kernels.
+#: Up to this many output positions, GEMMs over channels beat convolution kernels
+#: (one vector, unstrided).
 SMALL_MAP = 64
-#: Per-sample VJPs of one vector use the higher-order convolution up to this batch
-#: size (it runs one group per sample).
-FEW_SAMPLES = 4
-#: From this many output channels on, im2col and one GEMM beat the higher-order
-#: convolution for one vector (the im2col copy is small next to the GEMM).
-MANY_OUTPUTS = 192
+#: Below this many output positions, im2col and one GEMM beat convolution kernels
+#: for one vector on strided layers.
+STRIDED_MAP = 256
+#: From this many output positions on, convolution kernels beat the higher-order
+#: convolution for one vector on 2d layers with few input channels.
+LARGE_MAP = 2048
+#: Depthwise-like layers with kernels of at most this many entries take convolution
+#: kernels for one vector when unstrided (larger kernels are many times slower).
+SMALL_KERNEL = 9
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512
@@ -234,96 +239,32 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     vectors = tensors["mat"].shape[0]
     strided = any(p.stride > 1 for p in spec.patterns)
     if _stock_compatible(spec) and spec.in_channels == spec.groups:
-        if vectors == 1 or not strided:
-            return "same_conv", (
-                "depthwise-like (one input channel per group): one grouped"
-                " convolution of the same order"
-            )
-        if len(spec.patterns) == 2:
-            return "unfold", (
-                f"depthwise-like and strided, {vectors} vectors: PyTorch's im2col"
-                " kernel and one batched GEMM (the same-order convolution repeats"
-                " the input per vector and dilates its kernel by the stride)"
-            )
-        return "kernel", (
-            f"depthwise-like and strided, {vectors} vectors: vmap-batched"
-            " convolution kernels"
-        )
+        return _depthwise_rule(spec, vectors, strided)
+    if vectors == 1:
+        return _one_vector_rule(spec, strided)
     channels = spec.in_channels // spec.groups
     samples = tensors["mat"].shape[1]
-    larger_map = spec.num_positions > SMALL_MAP
-    if vectors == 1 and spec.groups > 1 and channels > FEW_CHANNELS and larger_map:
-        return "kernel", (
-            f"one vector, {spec.groups} groups of {channels} input channels on"
-            f" {spec.num_positions} output positions: vmap-batched grouped"
-            " convolution kernels"
-        )
-    if vectors > 1 and samples == 1 and channels > FEW_CHANNELS:
+    if samples == 1 and channels > FEW_CHANNELS:
         if spec.num_positions >= MANY_POSITIONS:
             return "kernel", (
                 f"one sample, {vectors} vectors on {spec.num_positions} output"
                 " positions: the convolution kernel's weight gradient with the"
-                " vectors as a batch"
+                " vectors as output channels"
             )
         if len(spec.patterns) == 2:
             return "unfold", (
                 f"one sample, {vectors} vectors on {spec.num_positions} output"
                 " positions: PyTorch's im2col kernel on the sample and one GEMM"
             )
-    wide = spec.patterns[-1].kernel_size > 1
+    # grouped layers with few channels per group lose with several vectors, and
+    # so do strided ones on a single sample (GGN diagonal of ResNet18's first
+    # layer, V = 10: 15.1 ms against 11.8 ms for the kernels at N = 1, but 72
+    # against 82 ms at N = 4)
+    few = channels <= FEW_CHANNELS and spec.groups == 1
+    if few and not (strided and samples == 1) and _higher_conv_applies(spec):
+        return "higher_conv", _higher_conv_reason(spec, vectors, samples)
     if (
-        vectors == 1
-        and len(spec.patterns) == 2
-        and spec.groups == 1
-        and channels > FEW_CHANNELS
-        and (strided or not wide or spec.out_channels >= MANY_OUTPUTS)
-    ):
-        return "unfold", (
-            f"one vector, {'strided, ' if strided else ''}{spec.out_channels} output"
-            f" channels, {'x'.join(map(str, spec.kernel_size))} kernel: PyTorch's"
-            " im2col kernel and one batched GEMM"
-        )
-    if vectors == 1:
-        few = channels <= FEW_CHANNELS or len(spec.patterns) == 1
-        # small batches: the higher-order convolution's groups stay few
-        # (on padded strided layers it lost up to 2.8x, on unpadded ones it won)
-        padded = any(p.padding != (0, 0) for p in spec.patterns)
-        few = few or (
-            spec.groups == 1
-            and samples <= FEW_SAMPLES
-            and larger_map
-            and not (strided and padded)
-        )
-    else:  # grouped layers with few channels per group lose with several vectors,
-        # and so do strided ones on a single sample (GGN diagonal of ResNet18's
-        # first layer, V = 10: 15.1 ms against 11.8 ms for the kernels at N = 1,
-        # but 72 against 82 ms at N = 4)
-        few = (
-            channels <= FEW_CHANNELS
-            and spec.groups == 1
-            and not (strided and samples == 1)
-        )
-    # its output is the kernel; oneDNN vectorises over the output's last axis,
-    # and a 7x1 kernel ran 1.3x slower than with batched kernels (1x7: 1.6x faster)
-    if few and wide and _stock_compatible(spec) and len(spec.patterns) < 3:
-        return "higher_conv", (
-            f"{vectors} vector(s), {samples} sample(s), {len(spec.patterns)}d with"
-            f" {channels} input channels per group: one grouped convolution of one"
-            " order higher (Rochette et al., 2019)"
-        )
-    if vectors == 1 and spec.num_positions <= FEW_POSITIONS:
-        if len(spec.patterns) == 2:
-            return "unfold", (
-                f"one vector, {spec.num_positions} output positions: PyTorch's"
-                " im2col kernel and one batched GEMM"
-            )
-        return "tn", (
-            f"one vector, {spec.num_positions} output positions: the network's"
-            " small dense patterns and GEMMs over channels"
-        )
-    if (
-        vectors > 1
-        and len(spec.patterns) > 1
+        len(spec.patterns) > 1
         and spec.num_positions < MANY_POSITIONS
         and _largest_pattern(spec) <= DENSE_PATTERN_LIMIT
     ):
@@ -332,7 +273,106 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             f" dense patterns ({_largest_pattern(spec)} entries): the network's"
             " GEMMs over channels beat batched convolutions"
         )
-    return "kernel", "overlapping patterns: vmap-batched convolution kernels"
+    return "kernel", _KERNEL_REASON
+
+
+_KERNEL_REASON = (
+    "overlapping patterns: the convolution kernel's weight gradient, samples as"
+    " groups and vectors as output channels"
+)
+
+
+def _depthwise_rule(spec: LayerSpec, vectors: int, strided: bool) -> tuple[str, str]:
+    size = prod(spec.kernel_size)
+    if vectors == 1 and not strided and size <= SMALL_KERNEL:
+        return "kernel", (
+            f"depthwise-like with a {'x'.join(map(str, spec.kernel_size))} kernel,"
+            " one vector: the convolution kernel's weight gradient, samples as"
+            " groups"
+        )
+    if vectors == 1 or not strided:
+        return "same_conv", (
+            "depthwise-like (one input channel per group): one grouped"
+            " convolution of the same order"
+        )
+    if len(spec.patterns) == 2:
+        return "unfold", (
+            f"depthwise-like and strided, {vectors} vectors: PyTorch's im2col"
+            " kernel and one batched GEMM (the same-order convolution repeats"
+            " the input per vector and dilates its kernel by the stride)"
+        )
+    return "kernel", (
+        f"depthwise-like and strided, {vectors} vectors: the convolution kernel's"
+        " weight gradient"
+    )
+
+
+def _one_vector_rule(spec: LayerSpec, strided: bool) -> tuple[str, str]:
+    """Per-sample VJPs of one vector (per-sample gradients, batch L2 norms).
+
+    Measured on the layers of the benchmark networks (2 CPU cores, N = 4): the
+    convolution kernel's weight gradient, with the samples as groups, wins from
+    medium feature maps on; im2col and one GEMM win on small maps with many
+    channels; the higher-order convolution on small maps with few channels.
+
+    Returns:
+        The implementation key and the reason.
+    """
+    channels = spec.in_channels // spec.groups
+    positions = spec.num_positions
+    if channels > FEW_CHANNELS and spec.groups > 1:
+        return "kernel", (
+            f"one vector, {spec.groups} groups of {channels} input channels: the"
+            " convolution kernel's weight gradient, samples as groups"
+        )
+    few = channels <= FEW_CHANNELS and positions < LARGE_MAP
+    if (few or len(spec.patterns) == 1) and _higher_conv_applies(spec):
+        return "higher_conv", _higher_conv_reason(spec, 1, None)
+    if channels > FEW_CHANNELS and len(spec.patterns) == 2:
+        if positions < STRIDED_MAP if strided else positions <= SMALL_MAP:
+            return "unfold", (
+                f"one vector, {'strided, ' if strided else ''}{positions} output"
+                f" positions, {channels} input channels: PyTorch's im2col kernel"
+                " and one batched GEMM"
+            )
+        return "kernel", (
+            f"one vector, {positions} output positions: the convolution kernel's"
+            " weight gradient, samples as groups"
+        )
+    if positions <= FEW_POSITIONS:
+        if len(spec.patterns) == 2:
+            return "unfold", (
+                f"one vector, {positions} output positions: PyTorch's im2col kernel"
+                " and one batched GEMM"
+            )
+        return "tn", (
+            f"one vector, {positions} output positions: the network's small dense"
+            " patterns and GEMMs over channels"
+        )
+    return "kernel", _KERNEL_REASON
+
+
+def _higher_conv_applies(spec: LayerSpec) -> bool:
+    """Whether the higher-order convolution is a candidate for the layer.
+
+    Its output is the kernel; oneDNN vectorises over the output's last axis, and
+    a 7x1 kernel ran 1.3x slower than with batched kernels (1x7: 1.6x faster).
+
+    Returns:
+        ``True`` for 1d/2d layers with even zero padding and a kernel wider than 1.
+    """
+    wide = spec.patterns[-1].kernel_size > 1
+    return wide and _stock_compatible(spec) and len(spec.patterns) < 3
+
+
+def _higher_conv_reason(spec: LayerSpec, vectors: int, samples: int | None) -> str:
+    count = "" if samples is None else f", {samples} sample(s)"
+    channels = spec.in_channels // spec.groups
+    return (
+        f"{vectors} vector(s){count}, {len(spec.patterns)}d with {channels} input"
+        " channels per group: one grouped convolution of one order higher"
+        " (Rochette et al., 2019)"
+    )
 
 
 _SQUARED = {

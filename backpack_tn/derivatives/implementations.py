@@ -325,9 +325,10 @@ def _kernel_weight_jac_mat_prod(module, spec, strategy, x, mat):
 
 
 def _kernel_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
-    if not sum_batch and spec.kind != "linear":
-        result = _per_sample_weight_gradients(module, spec, x, mat)
-        return result.reshape(*mat.shape[:2], *spec.weight_shape)
+    if spec.kind != "linear":
+        result = _kernel_weight_gradients(module, spec, x, mat, sum_batch)
+        sizes = () if sum_batch else (x.shape[0],)
+        return result.reshape(mat.shape[0], *sizes, *spec.weight_shape)
     f = layer_function(module, spec)
     weight = module.weight.detach()
     if sum_batch:
@@ -341,38 +342,42 @@ def _kernel_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
     return vmap(per_sample, in_dims=(0, 1), out_dims=1)(x, mat)
 
 
-#: Per-sample weight gradients from convolution kernels run on blocks of samples
-#: and vectors whose inputs and output gradients take at most this many bytes (at
-#: least one vector of one sample). The kernels copy both into their own memory
-#: layout; on a 64-channel 56x56 layer at batch size 8, one block of all samples
-#: needed 20 MiB on top of the inputs, blocks of one sample 2.5 MiB, at the same
-#: speed.
+#: Weight VJPs from convolution kernels run on blocks of samples and vectors whose
+#: inputs and output gradients take at most this many bytes (at least one vector
+#: of one sample; all samples when they are summed). The kernels copy both into
+#: their own memory layout; for per-sample VJPs on a 64-channel 56x56 layer at
+#: batch size 8, one block of all samples needed 20 MiB on top of the inputs,
+#: blocks of one sample 2.5 MiB, at the same speed.
 KERNEL_BLOCK_BYTES = 2**21
 
 
-def _per_sample_weight_gradients(module, spec, x, mat):
-    """Per-sample weight VJPs of a convolution from its weight-gradient kernel.
+def _kernel_weight_gradients(module, spec, x, mat, sum_batch):
+    """Weight VJPs of a convolution from its weight-gradient kernel, in blocks.
 
     A block of ``n`` samples and ``v`` vectors becomes one weight gradient of a
-    convolution with ``n * G`` groups over the samples stacked as channels and the
-    vectors stacked as output channels of each group (``vmap(grad)`` repeats the
-    input per vector instead). Padding that the kernel cannot apply (non-zero
-    modes, uneven ``'same'``) is applied to each block of samples first.
+    convolution with the vectors stacked as output channels of each group (where
+    ``vmap`` over the vectors repeats the input instead). Per sample, the samples
+    are stacked as channels too, in ``n * G`` groups (as ``vmap(grad)`` does).
+    Padding that the kernel cannot apply (non-zero modes, uneven ``'same'``) is
+    applied to each block of samples first.
 
     Args:
         module: The (transposed) convolution.
         spec: Its description.
         x: Layer input of shape ``[N, C_in, *I]``.
         mat: Vectors of shape ``[V, N, C_out, *O]``.
+        sum_batch: Whether to sum over the samples.
 
     Returns:
-        The VJPs of shape ``[V, N, G, weight_shape[0] // G, *weight_shape[1:]]``;
+        The VJPs of shape ``[V, (N,) G, weight_shape[0] // G, *weight_shape[1:]]``;
         for a single block, a view of the kernel's result.
     """
     vectors, samples = mat.shape[:2]
     sample, vector = x[0].numel(), mat[0, 0].numel()
     budget = KERNEL_BLOCK_BYTES // x.element_size()
-    if sample + vectors * vector <= budget:
+    if sum_batch:
+        step_v, step_n = max(1, budget // (samples * vector)), samples
+    elif sample + vectors * vector <= budget:
         step_v, step_n = vectors, max(1, budget // (sample + vectors * vector))
     else:
         step_v, step_n = max(1, (budget - sample) // vector), 1
@@ -382,7 +387,7 @@ def _per_sample_weight_gradients(module, spec, x, mat):
         x_block = _kernel_padded(module, spec, x[n : n + step_n])
         row = [
             _grouped_weight_gradient(
-                module, spec, x_block, mat[v : v + step_v, n : n + step_n]
+                module, spec, x_block, mat[v : v + step_v, n : n + step_n], sum_batch
             )
             for v in range(0, vectors, step_v)
         ]
@@ -404,42 +409,49 @@ def _kernel_padded(module, spec, x):
     return x
 
 
-def _grouped_weight_gradient(module, spec, x, mat):
-    """Weight gradients of each sample and vector, as one grouped convolution's.
+def _grouped_weight_gradient(module, spec, x, mat, sum_batch):
+    """Weight gradients of each vector (and sample), as one grouped convolution's.
 
     Args:
         module: The (transposed) convolution.
         spec: Its description.
         x: Samples of shape ``[n, C_in, *I]``, padded by ``_kernel_padded``.
         mat: Vectors of shape ``[v, n, C_out, *O]``.
+        sum_batch: Whether to sum over the samples.
 
     Returns:
-        The gradients of shape ``[v, n, G, weight_shape[0] // G, *weight_shape[1:]]``,
-        a view of the kernel's result.
+        The gradients of shape ``[v, (n,) G, weight_shape[0] // G,
+        *weight_shape[1:]]``, a view of the kernel's result.
     """
     vectors, samples = mat.shape[:2]
     groups, dims = module.groups, len(spec.patterns)
     first, second, *kernel = spec.weight_shape
+    copies = 1 if sum_batch else samples  # sets of groups
     transposed = spec.kind == "conv_transpose"
     if transposed:  # weight [C_in, C_out // G, *K]: vectors join its second axis
         padding = module.padding
         output_padding = tuple(_unused_inputs(p) for p in spec.patterns)
-        proxy = (samples * first, vectors * second)
-        blocks, vector_axis = (samples, groups, first // groups, vectors, second), 3
+        proxy = (copies * first, vectors * second)
+        blocks, vector_axis = (copies, groups, first // groups, vectors, second), 3
     else:  # weight [C_out, C_in // G, *K]: vectors join its first axis
         padding = (0,) * dims
         if has_even_zero_padding(module, spec):
             padding = tuple(p.padding[0] for p in spec.patterns)
         output_padding = (0,) * dims
-        proxy = (samples * vectors * first, second)
-        blocks, vector_axis = (samples, groups, vectors, first // groups, second), 2
-    # output channels of group (n, g): (v, C_out // G)
+        proxy = (copies * vectors * first, second)
+        blocks, vector_axis = (copies, groups, vectors, first // groups, second), 2
+    # output channels of group (n, g) or g: (v, C_out // G)
     grouped = mat.unflatten(2, (groups, -1)).movedim(0, 2)  # [n, G, v, C_out // G, *O]
+    if sum_batch:
+        grouped = grouped.reshape(samples, -1, *mat.shape[3:])
+    else:  # the samples become channels of one sample
+        grouped = grouped.reshape(1, -1, *mat.shape[3:])
+        x = x.flatten(0, 1).unsqueeze(0)
     # the kernel reads only the weight's shape
     weight = mat.new_zeros(()).expand(*proxy, *kernel)
     _, gradient, _ = torch.ops.aten.convolution_backward(
-        grouped.reshape(1, -1, *mat.shape[3:]),
-        x.flatten(0, 1).unsqueeze(0),
+        grouped,
+        x,
         weight,
         None,
         module.stride,
@@ -447,10 +459,11 @@ def _grouped_weight_gradient(module, spec, x, mat):
         module.dilation,
         transposed,
         output_padding,
-        samples * groups,
+        copies * groups,
         (False, True, False),
     )
-    return gradient.view(*blocks, *kernel).movedim(vector_axis, 0)
+    gradient = gradient.view(*blocks, *kernel).movedim(vector_axis, 0)
+    return gradient.squeeze(1) if sum_batch else gradient
 
 
 #: Per-sample VJPs are formed in blocks of at most this many bytes, then squared and
@@ -615,7 +628,7 @@ def _raw_per_sample_vjps(module, spec, strategy, x, mat):
     if base == "unfold" and _is_conv2d(spec):
         return _unfolded_vjps(spec, x, mat, False)
     if base == "kernel" and spec.kind != "linear":
-        return _per_sample_weight_gradients(module, spec, x, mat)
+        return _kernel_weight_gradients(module, spec, x, mat, False)
     return WEIGHT_VJP[base](module, spec, base, x, mat, False)
 
 

@@ -364,7 +364,7 @@ KERNEL_BLOCKS = {
 
 @mark.parametrize("budget", KERNEL_BLOCKS.values(), ids=KERNEL_BLOCKS.keys())
 def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypatch):
-    """Per-sample weight VJPs of the kernel route are the same in any blocks.
+    """Weight VJPs of the kernel route are the same in any blocks.
 
     Args:
         conv_problem: Convolution problem.
@@ -373,15 +373,15 @@ def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypa
     """
     module, x = conv_problem.module, conv_problem.x
     mat = _randn(3, *module.output.shape, like=x)
-    expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     size = x.element_size()
     bytes_ = budget(x[0].numel() * size, mat[0, 0].numel() * size)
     monkeypatch.setattr(implementations, "KERNEL_BLOCK_BYTES", bytes_)
     derivatives = _tn_derivatives(conv_problem, "kernel")
-    result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch=False)
-    assert_allclose_report(
-        result, expected, name="weight_jac_t_mat_prod", **conv_problem.tols
-    )
+    for sum_batch in SUM_BATCH:
+        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
+        result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
+        name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **conv_problem.tols)
 
 
 def test_get_unfolded_input(conv_problem: Problem, strategy: str):
