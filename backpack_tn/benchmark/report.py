@@ -176,7 +176,7 @@ def write_markdown(
     parts = ["# backpack_tn layer benchmark", ""]
     if settings:
         keys = (
-            "device", "gpu", "processor", "cpus", "threads", "dtype", "torch",
+            "device", "gpu", "processor", "cpus", "threads", "gemm", "dtype", "torch",
             "backpack", "repeats", "warmup", "gate", "memory", "ggn_vectors",
             "ggn_batch_divisor", "date",
         )  # fmt: skip

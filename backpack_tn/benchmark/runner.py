@@ -45,6 +45,7 @@ from backpack_tn.benchmark.timing import (
     time_interleaved,
 )
 from backpack_tn.benchmark.timing import steady_allocator as set_steady_allocator
+from backpack_tn.engine.gemm import gemm_backend
 
 #: Networks of ``--quick``.
 QUICK_NETS: tuple[str, ...] = ("3c3d", "all_cnn_c")
@@ -127,6 +128,8 @@ class BenchSettings:
         if self.device.startswith("cuda"):
             info["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
             info["tf32"] = _tf32()
+        else:  # the library of large CPU GEMMs (probed on first use)
+            info["gemm"] = gemm_backend()
         return info
 
 
@@ -443,6 +446,8 @@ def run_benchmark(
     if torch_device.type == "cuda" and torch_dtype == torch.float32 and _tf32():
         tol = TF32_TOL
 
+    if torch_device.type == "cpu":
+        gemm_backend()  # probe the GEMM libraries now, not inside a timed call
     bar = None
     if progress:
         from tqdm.auto import tqdm
