@@ -370,7 +370,8 @@ def _kernel_weight_gradients(module, spec, x, mat, sum_batch):
 
     Returns:
         The VJPs of shape ``[V, (N,) G, weight_shape[0] // G, *weight_shape[1:]]``;
-        for a single block, a view of the kernel's result.
+        for a single block, a view of the kernel's result, else a tensor that the
+        blocks are copied into.
     """
     vectors, samples = mat.shape[:2]
     sample, vector = x[0].numel(), mat[0, 0].numel()
@@ -382,17 +383,23 @@ def _kernel_weight_gradients(module, spec, x, mat, sum_batch):
     else:
         step_v, step_n = max(1, (budget - sample) // vector), 1
     step_v, step_n = _even(vectors, step_v), _even(samples, step_n)
-    rows = []
+    if step_v == vectors and step_n == samples:
+        x = _kernel_padded(module, spec, x)
+        return _grouped_weight_gradient(module, spec, x, mat, sum_batch)
+    result = None  # blocks are written into it: no second copy of all VJPs
     for n in range(0, samples, step_n):
         x_block = _kernel_padded(module, spec, x[n : n + step_n])
-        row = [
-            _grouped_weight_gradient(
+        for v in range(0, vectors, step_v):
+            block = _grouped_weight_gradient(
                 module, spec, x_block, mat[v : v + step_v, n : n + step_n], sum_batch
             )
-            for v in range(0, vectors, step_v)
-        ]
-        rows.append(row[0] if len(row) == 1 else torch.cat(row))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+            if result is None:
+                sizes = (vectors,) if sum_batch else (vectors, samples)
+                result = block.new_empty(*sizes, *block.shape[len(sizes) :])
+            target = result[v : v + step_v]
+            (target if sum_batch else target[:, n : n + step_n]).copy_(block)
+            del block
+    return result
 
 
 def _kernel_padded(module, spec, x):
