@@ -6,32 +6,27 @@
   (input JVP/VJP, weight JVP) use PyTorch's kernels directly.
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
-  a strided view and one batched GEMM. Otherwise, in this order: a same-order
-  grouped convolution for depthwise layers (with several vectors only at stride
-  1; strided ones take im2col and one GEMM); batched convolution kernels for one
-  vector on grouped layers with many channels per group beyond ``SMALL_MAP``
-  output positions; for several vectors of a single sample with more than
-  ``FEW_CHANNELS`` input channels per group, one weight gradient with the vectors
-  as a batch from ``MANY_POSITIONS`` output positions on, and im2col of the
-  sample and one GEMM below (Conv2d); for one vector on ungrouped Conv2d with
-  more than ``FEW_CHANNELS`` input channels that is strided, has a kernel of
-  width 1 or at least ``MANY_OUTPUTS`` output channels, im2col and one GEMM; the
-  higher-order convolution of
-  Rochette et al. for few input channels (it repeats the input for every vector;
-  with several vectors only without groups, and not on strided layers for a
-  single sample; for one vector also on Conv1d, and
-  on ungrouped layers without both stride and padding at batch sizes up to
-  ``FEW_SAMPLES``; never with a kernel of width 1, like 7x1); for one vector,
-  the dense-pattern
-  network or im2col and one GEMM (few output positions); for several vectors on
-  2d/3d layers with fewer than ``MANY_POSITIONS`` output positions and small
-  patterns, the dense-pattern network, whose GEMMs over channels win;
-  ``vmap``-batched convolution kernels (as ``vmap(grad)``) for the rest (large
-  feature maps, long Conv1d signals, padding modes, uneven ``'same'`` padding,
-  transposed convolutions).
+  a strided view and one batched GEMM. Otherwise the ``kernel`` route (the
+  convolution's weight-gradient kernel with the samples as groups and the vectors
+  as output channels) is the default, with these exceptions. Depthwise layers take
+  a same-order grouped convolution (the kernel route only for one vector,
+  unstrided, with kernels of at most ``SMALL_KERNEL`` entries; several vectors on
+  strided Conv2d take im2col and one GEMM). For one vector: the higher-order
+  convolution of Rochette et al. on Conv1d and on 2d layers with at most
+  ``FEW_CHANNELS`` input channels per group below ``LARGE_MAP`` output positions
+  (never for kernels of width 1, like 7x1); on ungrouped Conv2d with more input
+  channels, im2col and one GEMM up to ``SMALL_MAP`` output positions (strided:
+  below ``STRIDED_MAP``); on other layers, im2col or the dense-pattern network up
+  to ``FEW_POSITIONS``. For several vectors: on a single sample with more than
+  ``FEW_CHANNELS`` input channels per group, im2col and one GEMM below
+  ``MANY_POSITIONS`` output positions (Conv2d); the higher-order convolution for
+  few input channels without groups (not on strided layers for a single sample);
+  the dense-pattern network on 2d/3d layers with fewer than ``MANY_POSITIONS``
+  output positions and small patterns.
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
-  single network that never forms per-sample VJPs against forming them; in the
-  latter case the VJPs are evaluated as above, then squared.
+  single network that never forms per-sample VJPs against forming them (VJPs from
+  the kernel route count ``1 / KERNEL_SPEEDUP`` of their FLOPs); in the latter
+  case the VJPs are evaluated as above, then squared.
 - The KFAC-expand input factor is the Gram matrix of the unfolded input: a strided
   view, one copy and GEMMs for the upper block triangle only (the factor is
   symmetric; PyTorch has no ``syrk``). KFAC-reduce sums over positions inside the
