@@ -56,6 +56,7 @@ def _settings() -> tuple:
         contract.get_optimizer(),
         contract.SMALL_STEP,
         implementations.VJP_BLOCK_BYTES,
+        implementations.KERNEL_BLOCK_BYTES,
         gemm.gemm_backend(),
         gemm.MIN_FLOPS,
     )

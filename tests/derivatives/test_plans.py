@@ -12,7 +12,7 @@ from pytest import fixture, mark, skip
 from torch import Tensor
 from torch.func import vmap
 
-from backpack_tn.derivatives import plans, set_autotune
+from backpack_tn.derivatives import implementations, plans, set_autotune
 from backpack_tn.engine import contract
 from test_problems.cases import Problem
 from test_problems.compare import assert_allclose_report
@@ -162,6 +162,19 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         result = derivatives.jac_t_mat_prod(module, None, None, mat)
     assert len(plans._PLANS) == plans_before + 1
     assert_allclose_report(result, expected, **conv_problem.tols)
+
+
+@mark.parametrize("budget", ["VJP_BLOCK_BYTES", "KERNEL_BLOCK_BYTES"])
+def test_block_budgets_are_settings(budget: str, monkeypatch):
+    """A plan recorded under one block budget is not replayed under another.
+
+    Args:
+        budget: Name of the budget in ``implementations``.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    before = plans._settings()
+    monkeypatch.setattr(implementations, budget, 1)
+    assert plans._settings() != before
 
 
 def test_switches():
