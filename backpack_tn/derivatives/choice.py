@@ -382,9 +382,19 @@ _SQUARED = {
 
 
 def _cheaper_squared(
-    op: str, spec: LayerSpec, strategy: str, tensors: dict, speedup: float = 1.0
+    op: str,
+    spec: LayerSpec,
+    strategy: str,
+    tensors: dict,
+    speedup: float = 1.0,
+    lower_unpadded: bool = False,
 ) -> tuple[str, str]:
     """Single squared network or squared per-sample VJPs, by FLOPs.
+
+    Unpadded patterns lower to views of the input without a copy. Where that saves
+    FLOPs it was faster (per-sample norms of Inception's unpadded stride-2 17x17
+    layers at N = 4: 1.73 → 0.87 ms); with padding it was not (ResNet18's padded
+    stride-2 256x14x14 layer: 1.42 → 1.90 ms).
 
     Args:
         op: ``weight_diag_ggn`` or ``weight_batch_l2``.
@@ -392,6 +402,8 @@ def _cheaper_squared(
         strategy: Evaluation of the single network.
         tensors: The op's tensor arguments.
         speedup: How many times faster per FLOP the VJPs are formed.
+        lower_unpadded: Whether a single network with unpadded patterns may be
+            lowered (``tn_lowered``) where that needs fewer FLOPs.
 
     Returns:
         The implementation key and the reason.
@@ -405,10 +417,18 @@ def _cheaper_squared(
     via_vjp = flops(prepare(vjp, "tn_lowered")) / speedup
     weighted = f", counted {speedup:g}x faster by kernels" if speedup != 1 else ""
     if single < via_vjp:
-        return strategy, (
+        reason = (
             f"one network without per-sample VJPs ({single:.2e} FLOPs) is cheaper"
             f" than forming them ({via_vjp:.2e} FLOPs{weighted})"
         )
+        if lower_unpadded and all(p.is_unpadded for p in spec.patterns):
+            lowered = flops(prepare(net, "tn_lowered"))
+            if lowered < single:
+                return "tn_lowered", (
+                    f"{reason}; its unpadded patterns as strided views need fewer"
+                    f" FLOPs ({lowered:.2e}) than as dense patterns ({single:.2e})"
+                )
+        return strategy, reason
     return f"{strategy}{SQUARE}", (
         f"forming per-sample VJPs ({via_vjp:.2e} FLOPs{weighted}) is cheaper than"
         f" one network without them ({single:.2e} FLOPs)"
@@ -427,37 +447,14 @@ def _squared_rule(op: str) -> Callable:
     def rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
         speedup = KERNEL_SPEEDUP if vjp_key == "kernel" else 1.0
-        key, reason = _cheaper_squared(op, spec, "tn", tensors, speedup)
-        if key == "tn":
-            return _single_network(op, spec, tensors, reason)
+        key, reason = _cheaper_squared(
+            op, spec, "tn", tensors, speedup, lower_unpadded=True
+        )
+        if not key.endswith(SQUARE):
+            return key, reason
         return f"{vjp_key}{SQUARE}", f"{reason}; VJPs: {vjp_reason}"
 
     return rule
-
-
-def _single_network(
-    op: str, spec: LayerSpec, tensors: dict, reason: str
-) -> tuple[str, str]:
-    """Dense patterns or strided views for the single squared network.
-
-    Unpadded patterns lower to views of the input without a copy. Where that saves
-    FLOPs it was faster (per-sample norms of Inception's unpadded stride-2 17x17
-    layers at N = 4: 1.73 → 0.87 ms); with padding it was not (ResNet18's padded
-    stride-2 256x14x14 layer: 1.42 → 1.90 ms).
-
-    Returns:
-        ``tn_lowered`` or ``tn``, and the reason.
-    """
-    if any(not p.is_unpadded for p in spec.patterns):
-        return "tn", reason
-    net, _ = _SQUARED[op](spec, tensors)
-    dense, lowered = flops(prepare(net, "tn")), flops(prepare(net, "tn_lowered"))
-    if lowered < dense:
-        return "tn_lowered", (
-            f"{reason}; its unpadded patterns as strided views need fewer FLOPs"
-            f" ({lowered:.2e}) than as dense patterns ({dense:.2e})"
-        )
-    return "tn", reason
 
 
 def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
