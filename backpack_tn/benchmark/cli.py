@@ -46,6 +46,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    """Argparse type: a number >= 0.
+
+    Args:
+        text: Command line value.
+
+    Returns:
+        The number.
+
+    Raises:
+        ArgumentTypeError: If the value is not a non-negative number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number, got {text!r}"
+        )
+    return value
+
+
 def _load_fraction(text: str) -> float:
     """Argparse type: a load threshold in (0, 1), or a percentage like ``5%``.
 
@@ -184,6 +207,20 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="untimed calls per method first (default 1)",
     )
     how.add_argument(
+        "--min-block-ms",
+        type=_non_negative_float,
+        metavar="MS",
+        help="time each method in blocks of calls lasting at least MS ms and "
+        "report the time per call; 0 times single calls (default 5)",
+    )
+    how.add_argument(
+        "--settle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="call each method once, untimed, right before each timed block, so "
+        "the method before it leaves no cold caches (default: on)",
+    )
+    how.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -317,6 +354,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             progress=not args.no_progress,
             figure=not args.no_figure,
             steady_allocator=args.steady_allocator,
+            min_block_ms=args.min_block_ms,
+            settle=args.settle,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -177,15 +177,15 @@ def write_markdown(
     if settings:
         keys = (
             "device", "gpu", "processor", "cpus", "threads", "gemm", "dtype", "torch",
-            "backpack", "repeats", "warmup", "gate", "memory", "ggn_vectors",
-            "ggn_batch_divisor", "date",
+            "backpack", "repeats", "warmup", "min_block_ms", "settle", "gate",
+            "memory", "ggn_vectors", "ggn_batch_divisor", "date",
         )  # fmt: skip
         parts += [
             ", ".join(f"{k}: {settings[k]}" for k in keys if k in settings),
             "",
         ]
     parts += [
-        "Time cells: median wall time in ms over interleaved rounds "
+        "Time cells: median wall time per call in ms over interleaved rounds "
         "(ratio to the fastest reference method of the row). Memory cells: peak "
         "extra memory in MiB of the second call (ratio to the smallest "
         "reference). `n/a`: the method does not support the layer; `oom`: "

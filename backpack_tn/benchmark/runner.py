@@ -60,6 +60,11 @@ QUICK_RESNET18: tuple[str, ...] = (
 )
 #: Settings that ``quick=True`` changes unless they are given.
 QUICK_DEFAULTS = {"batch_size": 8, "repeats": 3, "memory": False}
+#: Shortest timed block of calls in milliseconds (see
+#: :mod:`backpack_tn.benchmark.timing`): sub-millisecond calls are timed in
+#: blocks of several calls, so that neither the timer nor the method before
+#: decides their time.
+MIN_BLOCK_MS = 5.0
 #: Relative error above which a result is flagged as disagreeing.
 CHECK_TOLS = {torch.float64: 1e-10, torch.float32: 1e-4}
 #: The same for float32 on CUDA with TF32 enabled (cuDNN's default for convolutions).
@@ -79,6 +84,7 @@ COLUMNS: tuple[str, ...] = (
     "time_ms",
     "time_min_ms",
     "rounds",
+    "calls",
     "discarded",
     "ratio",
     "fastest_reference",
@@ -108,6 +114,8 @@ class BenchSettings:
     ggn_batch_divisor: int
     batch_size: int
     steady_allocator: bool = False
+    min_block_ms: float = 0.0
+    settle: bool = False
 
     def describe(self) -> dict:
         """Settings plus machine and library versions.
@@ -338,6 +346,8 @@ def run_benchmark(
     progress: bool = False,
     figure: bool = True,
     steady_allocator: bool = False,
+    min_block_ms: float | None = None,
+    settle: bool = True,
 ) -> list[dict]:
     """Time (and optionally measure the memory of) every method on every layer.
 
@@ -378,6 +388,11 @@ def run_benchmark(
         steady_allocator: On CPU, let this process reuse freed heap memory (see
             :func:`backpack_tn.benchmark.timing.steady_allocator`; it stays in
             effect after the run). The command line turns it on.
+        min_block_ms: Each timed block of a method's calls lasts at least this
+            long; its time per call is reported (see
+            :mod:`backpack_tn.benchmark.timing`); default :data:`MIN_BLOCK_MS`.
+            ``0`` times single calls.
+        settle: Call a method once, untimed, right before each timed block.
 
     Returns:
         One dict per (layer, op, method) with the keys of :data:`COLUMNS`.
@@ -397,6 +412,12 @@ def run_benchmark(
     for name, value in (("batch_size", batch_size), ("repeats", repeats)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}.")
+    min_block_ms = MIN_BLOCK_MS if min_block_ms is None else min_block_ms
+    if not min_block_ms >= 0:
+        raise ValueError(
+            f"min_block_ms must be a non-negative number of milliseconds, "
+            f"got {min_block_ms}."
+        )
     if gate is not None and not 0 < gate < 1:
         raise ValueError(f"gate must be a load fraction in (0, 1), got {gate}.")
     torch_dtype = getattr(torch, dtype, None)
@@ -439,6 +460,8 @@ def run_benchmark(
         ggn_batch_divisor=divisor,
         batch_size=batch_size,
         steady_allocator=steady_allocator and torch_device.type == "cpu",
+        min_block_ms=float(min_block_ms),
+        settle=settle,
     )
     registry = op_registry(include_ours=any(not is_reference(m) for m in method_names))
     load_gate = LoadGate(threshold=gate) if gate is not None else None
@@ -551,6 +574,7 @@ def _run_cell(
             time_ms=timing.median(m) * 1e3,
             time_min_ms=min(times) * 1e3,
             rounds=len(times),
+            calls=timing.calls[m],
             discarded=timing.discarded,
             rel_err=errors.get(m, math.nan),
         )
@@ -625,6 +649,8 @@ def _time_cell(
             device=device,
             gate=gate,
             keep_output=keep_output,
+            min_block=settings.min_block_ms / 1e3,
+            settle=settings.settle,
         )
     return timing, errors
 

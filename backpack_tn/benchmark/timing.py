@@ -8,6 +8,17 @@ follows the same one (a method run right after another that uses the same
 kernel finds its memory and caches warm: up to 1.6x faster on small layers).
 The reported time is the median over rounds.
 
+Calls that take well under a millisecond are dominated by the state the method
+before them left (cold caches, a heap shaped by other sizes): in one round their
+time can be twice their time in the next. Two settings measure them in their
+own steady state instead, as ``timeit`` and ``torch.utils.benchmark`` do:
+
+* *blocks*: each round times a block of calls of one method, enough calls to
+  fill ``min_block`` seconds (judged from the warm-up call), and reports the
+  block's time per call;
+* *settling*: one untimed call of the method right before its block, so that
+  the block starts from the method's own caches and allocator state.
+
 On a shared machine, another process using a core makes multi-threaded kernels
 erratically slow. With gating, each round waits until the *foreign* CPU load is
 below a threshold (busy time of all CPUs from ``/proc/stat``, including steal,
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import random
 import statistics
@@ -30,6 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: Most calls in one timed block.
+MAX_BLOCK_CALLS = 1000
 #: glibc ``mallopt`` parameters (``malloc.h``).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: glibc's largest mmap threshold on 64-bit systems.
@@ -166,6 +180,7 @@ class TimingResult:
         outputs: Result of each method's warm-up call, if kept.
         discarded: Number of rounds discarded because of foreign load.
         waited: Seconds spent waiting for a quiet machine.
+        calls: Calls per timed block, per method (the times are per call).
     """
 
     times: dict[str, list[float]] = field(default_factory=dict)
@@ -173,6 +188,7 @@ class TimingResult:
     outputs: dict[str, object] = field(default_factory=dict)
     discarded: int = 0
     waited: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
 
     def median(self, method: str) -> float:
         """Median time of a method.
@@ -187,35 +203,53 @@ class TimingResult:
         return statistics.median(values) if values else float("nan")
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """A function that times one call on a device.
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """A function that times a block of calls on a device.
 
     Args:
         device: Where the methods run.
 
     Returns:
-        ``timer(fn) -> seconds``; uses CUDA events and synchronization on CUDA.
+        ``timer(fn, calls) -> seconds per call``; uses CUDA events and
+        synchronization on CUDA.
     """
     if device.type == "cuda":
 
-        def cuda_timer(fn: Callable[[], object]) -> float:
+        def cuda_timer(fn: Callable[[], object], calls: int) -> float:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3 / calls
 
         return cuda_timer
 
-    def cpu_timer(fn: Callable[[], object]) -> float:
+    def cpu_timer(fn: Callable[[], object], calls: int) -> float:
         start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
 
     return cpu_timer
+
+
+def block_calls(seconds: float, min_block: float) -> int:
+    """Number of calls that fill a timed block.
+
+    Args:
+        seconds: Time of one call (from the warm-up).
+        min_block: Shortest block in seconds; ``0`` times single calls.
+
+    Returns:
+        ``ceil(min_block / seconds)``, between 1 and :data:`MAX_BLOCK_CALLS`.
+    """
+    if min_block <= 0 or seconds >= min_block:
+        return 1
+    return min(MAX_BLOCK_CALLS, math.ceil(min_block / max(seconds, 1e-9)))
 
 
 def time_interleaved(
@@ -226,6 +260,8 @@ def time_interleaved(
     gate: LoadGate | None = None,
     keep_output: Callable[[str, object], None] | None = None,
     max_discards: int | None = None,
+    min_block: float = 0.0,
+    settle: bool = False,
 ) -> TimingResult:
     """Time several methods in interleaved rounds, in a shuffled order per round.
 
@@ -240,6 +276,11 @@ def time_interleaved(
             each method's first warm-up call (e.g. to check correctness).
         max_discards: Stop discarding after this many rounds (default
             ``3 * repeats``) and accept disturbed rounds.
+        min_block: Seconds each timed block should at least take: a method whose
+            call takes ``t`` seconds runs ``ceil(min_block / t)``
+            times per block (see :func:`block_calls`; ``t`` comes from one more
+            timed call after the warm-up). ``0`` times single calls.
+        settle: Call each method once, untimed, right before its block.
 
     Returns:
         Round times per method, errors, and gating statistics.
@@ -258,11 +299,13 @@ def time_interleaved(
                 if i == 0 and keep_output is not None:
                     keep_output(name, output)
                 del output
+            calls = block_calls(timer(fn, 1), min_block) if min_block > 0 else 1
         except Exception as error:
             result.errors[name] = error
             continue
         active.append(name)
         result.times[name] = []
+        result.calls[name] = calls
     max_discards = 3 * repeats if max_discards is None else max_discards
     accepted = 0
     shuffler = random.Random(0)
@@ -276,7 +319,9 @@ def time_interleaved(
         times = {}
         for name in order:
             try:
-                times[name] = timer(methods[name])
+                if settle:
+                    methods[name]()
+                times[name] = timer(methods[name], result.calls[name])
             except Exception as error:
                 result.errors[name] = error
                 active.remove(name)

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,12 @@ from backpack_tn.benchmark import (
 )
 from backpack_tn.benchmark.memory import MemoryResult, measure_in_subprocess
 from backpack_tn.benchmark.ops import OP_NAMES, REFERENCES, prepare
-from backpack_tn.benchmark.timing import LoadGate, time_interleaved
+from backpack_tn.benchmark.timing import (
+    MAX_BLOCK_CALLS,
+    LoadGate,
+    block_calls,
+    time_interleaved,
+)
 from test_problems.compare import assert_allclose_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,6 +285,62 @@ def test_time_interleaved_rounds_and_errors():
     assert not math.isnan(result.median("a")) and math.isnan(result.median("c"))
 
 
+BLOCK_CASES = [
+    # (seconds per call, min_block, calls)
+    (1e-3, 0.0, 1),
+    (1e-3, 5e-3, 5),
+    (3e-3, 5e-3, 2),
+    (5e-3, 5e-3, 1),
+    (2e-2, 5e-3, 1),
+    (1e-9, 5e-3, MAX_BLOCK_CALLS),
+    (0.0, 5e-3, MAX_BLOCK_CALLS),
+]
+
+
+@mark.parametrize("seconds, min_block, calls", BLOCK_CASES)
+def test_block_calls(seconds: float, min_block: float, calls: int):
+    """A block holds enough calls to last ``min_block``, at least one, bounded.
+
+    Args:
+        seconds: Time of one call.
+        min_block: Shortest block.
+        calls: Expected calls per block.
+    """
+    assert block_calls(seconds, min_block) == calls
+
+
+@mark.parametrize("settle", [False, True], ids=["blocks", "blocks+settle"])
+def test_time_interleaved_blocks(settle: bool):
+    """Short methods run in blocks; settling adds one untimed call per round.
+
+    Args:
+        settle: Whether each block is preceded by an untimed call.
+    """
+    counts = {"short": 0, "long": 0}
+
+    def short():
+        counts["short"] += 1
+
+    def long():
+        counts["long"] += 1
+        time.sleep(2e-3)
+
+    repeats, warmup = 3, 2
+    result = time_interleaved(
+        {"short": short, "long": long},
+        repeats=repeats,
+        warmup=warmup,
+        min_block=1e-3,
+        settle=settle,
+    )
+    assert result.calls["long"] == 1 and 1 < result.calls["short"] <= MAX_BLOCK_CALLS
+    for name, count in counts.items():
+        per_round = result.calls[name] + settle
+        assert count == warmup + 1 + repeats * per_round, (name, count)
+        assert len(result.times[name]) == repeats
+    assert result.median("long") >= 2e-3 > result.median("short")
+
+
 def test_load_gate_measures_a_fraction():
     """The foreign load is a fraction of the machine."""
     gate = LoadGate(threshold=0.5, window=0.05)
@@ -318,6 +380,7 @@ def test_run_benchmark_writes_reports(tmp_path: Path):
     assert {row["op"] for row in rows} == {"per_sample_weight_grad", "kfac_reduce"}
     ok = [row for row in rows if row["status"] == "ok"]
     assert all(row["ratio"] >= 1.0 and row["rel_err"] < 1e-4 for row in ok)
+    assert all(row["calls"] >= 1 for row in ok)
     assert any(row["status"] == "n/a" for row in rows)  # bp_save_memory on conv3d
     with open(tmp_path / "results.csv") as file:
         assert len(list(csv.DictReader(file))) == len(rows)
@@ -335,6 +398,8 @@ def test_run_benchmark_rejects_unknown_names():
         run_benchmark(layers=["linear in=3 out=2"], methods="fast")
     with raises(ValueError, match="Unsupported dtype 'int8'"):
         run_benchmark(layers=["linear in=3 out=2"], dtype="int8")
+    with raises(ValueError, match="min_block_ms must be a non-negative number"):
+        run_benchmark(layers=["linear in=3 out=2"], min_block_ms=-1.0)
 
 
 # -------------------------------------------------------------------- CLI
@@ -374,12 +439,13 @@ def test_cli_bad_option_exit_code():
     [
         (["bench", "--repeats", "0"], "expected a positive integer"),
         (["bench", "--gate", "5"], "expected a load fraction"),
+        (["bench", "--min-block-ms", "-1"], "expected a non-negative number"),
         (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
         (["bench", "--layer", "conv2d in=3x8 out=4 k=3"], "needs 3 entries"),
         (["bench", "--nets", "lenet", "--list"], "Unknown network 'lenet'"),
         (["bench", "--layer", "linear in=3 out=2", "--ops", "hessian"], "Unknown op"),
     ],
-    ids=["repeats", "gate", "dtype", "layer", "net", "op"],
+    ids=["repeats", "gate", "min-block", "dtype", "layer", "net", "op"],
 )
 def test_cli_errors(args: list[str], match: str, capsys: CaptureFixture):
     """Invalid values print one line and exit with code 2.
