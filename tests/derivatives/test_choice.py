@@ -17,6 +17,12 @@ RULE_CASES = [
         lambda: nn.Conv2d(4, 4, 3, groups=4),
         (2, 4, 8, 8),
         "weight_jac_t_mat_prod",
+        "same_conv",
+    ),
+    (
+        lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1),
+        (2, 4, 48, 48),
+        "weight_jac_t_mat_prod",
         "kernel",
     ),
     (
@@ -95,6 +101,16 @@ VECTOR_RULE_CASES = [
         "unfold",
     ),
     (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 16, 16), 10, "same_conv"),
+    # the same-order convolution's repeated input reaches 8 MiB (V = 10) / 16 MiB
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 8, 64, 64), 10, "kernel"),
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        (32, 64, 32, 32),
+        1,
+        "same_conv",
+    ),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64), (64, 64, 32, 32), 1, "kernel"),
+    (lambda: nn.Conv2d(8, 8, 5, padding=2, groups=8), (8, 8, 64, 64), 10, "same_conv"),
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=4), (2, 32, 32, 32), 10, "kernel"),
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 12, 12), 1, "kernel"),
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 8, 8), 1, "kernel"),
