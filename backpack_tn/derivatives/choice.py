@@ -7,8 +7,9 @@
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM (on CPU, several vectors of several samples
-  on ``MANY_POSITIONS`` or more output positions take the ``kernel`` route
-  instead: the GEMM view would copy all vectors sample-major first). Otherwise the
+  on ``MANY_POSITIONS`` or more output positions with at most ``NARROW_GEMM``
+  weight entries per output channel take the ``kernel`` route instead: the GEMM
+  view would copy all vectors sample-major first). Otherwise the
   ``kernel`` route (the convolution's weight-gradient kernel with the samples as
   groups and the vectors as output channels) is the default, with these exceptions.
   Depthwise layers take a same-order grouped convolution, except unstrided ones with
@@ -198,6 +199,14 @@ DEPTHWISE_BYTES = 8 * 2**20
 #: positions.
 DEPTHWISE_BYTES_ONE_VECTOR = 16 * 2**20
 LARGE_DEPTHWISE_MAP = 2048
+#: Non-overlapping layers with at most this many weight entries per output channel
+#: (``C_in / G * prod(K)``) take the kernel route for several vectors of several
+#: samples on large maps: the GEMM view first copies all vectors sample-major, and
+#: its GEMM is too narrow to hide that (GGN diagonals at N = 8, V = 10: 24x56x56 1x1
+#: layer 17 ms against 47 ms, ConvNeXt's 3-channel 4x4 stem 17 against 44 ms; but
+#: 64x56x56 1x1 stride 2: 7.7 against 5.5 ms, 144x56x56 1x1 to 24 channels: 16.6
+#: against 6.9 ms).
+NARROW_GEMM = 48
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512
@@ -240,19 +249,20 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         return "tn", "a Linear layer's network is a single GEMM"
     vectors, samples = tensors["mat"].shape[:2]
     if _non_overlapping(spec):
+        summed = spec.in_channels // spec.groups * prod(spec.kernel_size)
         if (
             vectors > 1
             and samples > 1
             and spec.num_positions >= MANY_POSITIONS
+            and summed <= NARROW_GEMM
             and not _on_gpu(tensors)
         ):
-            # GGN diagonal of MobileNetV2's 24x56x56 1x1 layer, N = 8, V = 10:
-            # 17 ms against 47 ms for the GEMM view; on 14x14 maps the view wins
             return "kernel", (
                 f"non-overlapping patterns, {vectors} vectors of {samples} samples"
-                f" on {spec.num_positions} output positions: one GEMM per sample"
-                " would first copy all vectors sample-major; the convolution"
-                " kernel's weight gradient reads them in blocks"
+                f" on {spec.num_positions} output positions and {summed} weight"
+                " entries per output channel: one GEMM per sample would first copy"
+                " all vectors sample-major, which costs more than its narrow GEMM;"
+                " the convolution kernel's weight gradient reads them in blocks"
             )
         return "tn", "all index patterns are non-overlapping: a view and one GEMM"
     if _on_gpu(tensors):

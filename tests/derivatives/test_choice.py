@@ -116,12 +116,13 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 8, 8), 1, "kernel"),
     (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 32, 32), 10, "higher_conv"),
     # non-overlapping: the GEMM view, except for several vectors of several samples
-    # on large maps
+    # on large maps with few weight entries per output channel
     (lambda: nn.Conv2d(8, 16, 1), (2, 8, 24, 24), 10, "kernel"),
     (lambda: nn.Conv2d(3, 16, 4, stride=4), (2, 3, 96, 96), 10, "kernel"),
     (lambda: nn.Conv2d(8, 16, 1), (1, 8, 24, 24), 10, "tn"),
     (lambda: nn.Conv2d(8, 16, 1), (2, 8, 14, 14), 10, "tn"),
     (lambda: nn.Conv2d(8, 16, 1), (2, 8, 24, 24), 1, "tn"),
+    (lambda: nn.Conv2d(64, 16, 1), (2, 64, 24, 24), 10, "tn"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 32, 32), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 8, 8), 10, "tn"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 24, 24), 10, "kernel"),
