@@ -187,17 +187,17 @@ STRIDED_MAP = 256
 #: From this many output positions on, convolution kernels beat the higher-order
 #: convolution for one vector on 2d layers with few input channels.
 LARGE_MAP = 2048
-#: Depthwise-like layers with kernels of at most this many entries take convolution
-#: kernels for one vector when unstrided (larger kernels are many times slower).
+#: Only depthwise-like layers with kernels of at most this many entries may take the
+#: kernel route when unstrided (with 7x7 kernels it was 8-14x slower).
 SMALL_KERNEL = 9
 #: Depthwise-like layers with small kernels take the convolution kernel's weight
 #: gradient (instead of the same-order convolution) when the same-order
 #: convolution's input, repeated per vector and sample, reaches this many bytes
 #: (several vectors) ...
 DEPTHWISE_BYTES = 8 * 2**20
-#: ... or, for one vector, this many bytes or ``LARGE_DEPTHWISE_MAP`` output
-#: positions.
+#: ... or, for one vector, this many bytes ...
 DEPTHWISE_BYTES_ONE_VECTOR = 16 * 2**20
+#: ... or this many output positions.
 LARGE_DEPTHWISE_MAP = 2048
 #: Non-overlapping layers with at most this many weight entries per output channel
 #: (``C_in / G * prod(K)``) take the kernel route for several vectors of several
