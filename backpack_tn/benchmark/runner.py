@@ -114,8 +114,8 @@ class BenchSettings:
     ggn_batch_divisor: int
     batch_size: int
     steady_allocator: bool = False
-    min_block_ms: float = 0.0
-    settle: bool = False
+    min_block_ms: float = MIN_BLOCK_MS
+    settle: bool = True
 
     def describe(self) -> dict:
         """Settings plus machine and library versions.

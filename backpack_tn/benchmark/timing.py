@@ -14,8 +14,8 @@ time can be twice their time in the next. Two settings measure them in their
 own steady state instead, as ``timeit`` and ``torch.utils.benchmark`` do:
 
 * *blocks*: each round times a block of calls of one method, enough calls to
-  fill ``min_block`` seconds (judged from the warm-up call), and reports the
-  block's time per call;
+  fill ``min_block`` seconds (judged from one timed call after the warm-up),
+  and reports the block's time per call;
 * *settling*: one untimed call of the method right before its block, so that
   the block starts from the method's own caches and allocator state.
 

@@ -333,7 +333,7 @@ def _depthwise_rule(
     size = prod(spec.kernel_size)
     if not strided and size <= SMALL_KERNEL:
         mat = tensors["mat"]
-        repeated = mat.shape[0] * mat.shape[1] * spec.in_channels
+        repeated = vectors * mat.shape[1] * spec.in_channels
         repeated *= prod(spec.input_spatial) * mat.element_size()
         if vectors == 1:
             large = (
