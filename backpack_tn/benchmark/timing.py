@@ -14,8 +14,8 @@ time can be twice their time in the next. Two settings measure them in their
 own steady state instead, as ``timeit`` and ``torch.utils.benchmark`` do:
 
 * *blocks*: each round times a block of calls of one method, enough calls to
-  fill ``min_block`` seconds (judged from one timed call after the warm-up),
-  and reports the block's time per call;
+  fill ``min_block`` seconds (judged from timed blocks of growing size after
+  the warm-up), and reports the block's time per call;
 * *settling*: one untimed call of the method right before its block, so that
   the block starts from the method's own caches and allocator state.
 
@@ -252,6 +252,37 @@ def block_calls(seconds: float, min_block: float) -> int:
     return min(MAX_BLOCK_CALLS, math.ceil(min_block / max(seconds, 1e-9)))
 
 
+def calibrate_block(
+    timer: Callable[[Callable[[], object], int], float],
+    fn: Callable[[], object],
+    min_block: float,
+) -> int:
+    """Number of calls that fill a timed block, from timed blocks of growing size.
+
+    One call right after the warm-up can be many times slower than the calls
+    that follow (page faults, cold caches), so a block sized from it alone can
+    last a fraction of ``min_block``. Starting from one call, each step times a
+    block of the size that the previous block's time per call asks for, until a
+    block holds at least as many calls as its own time per call asks for.
+
+    Args:
+        timer: ``timer(fn, calls) -> seconds per call`` (see :func:`_timer`).
+        fn: The method.
+        min_block: Shortest block in seconds; ``0`` times single calls.
+
+    Returns:
+        Calls per block, between 1 and :data:`MAX_BLOCK_CALLS`.
+    """
+    calls = 1
+    if min_block <= 0:
+        return calls
+    needed = block_calls(timer(fn, calls), min_block)
+    while needed > calls:
+        calls = needed
+        needed = block_calls(timer(fn, calls), min_block)
+    return calls
+
+
 def time_interleaved(
     methods: dict[str, Callable[[], object]],
     repeats: int = 7,
@@ -278,8 +309,8 @@ def time_interleaved(
             ``3 * repeats``) and accept disturbed rounds.
         min_block: Seconds each timed block should at least take: a method whose
             call takes ``t`` seconds runs ``ceil(min_block / t)``
-            times per block (see :func:`block_calls`; ``t`` comes from one more
-            timed call after the warm-up). ``0`` times single calls.
+            times per block (see :func:`calibrate_block`, which times blocks
+            of growing size after the warm-up). ``0`` times single calls.
         settle: Call each method once, untimed, right before its block.
 
     Returns:
@@ -299,7 +330,7 @@ def time_interleaved(
                 if i == 0 and keep_output is not None:
                     keep_output(name, output)
                 del output
-            calls = block_calls(timer(fn, 1), min_block) if min_block > 0 else 1
+            calls = calibrate_block(timer, fn, min_block)
         except Exception as error:
             result.errors[name] = error
             continue

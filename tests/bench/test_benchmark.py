@@ -31,6 +31,7 @@ from backpack_tn.benchmark.timing import (
     MAX_BLOCK_CALLS,
     LoadGate,
     block_calls,
+    calibrate_block,
     time_interleaved,
 )
 from test_problems.compare import assert_allclose_report
@@ -309,6 +310,41 @@ def test_block_calls(seconds: float, min_block: float, calls: int):
     assert block_calls(seconds, min_block) == calls
 
 
+CALIBRATION_CASES = [
+    # (seconds per call in successive timed blocks, min_block, timed block sizes)
+    ([1e-3], 0.0, []),
+    ([1e-2], 5e-3, [1]),
+    ([1e-3, 1e-3], 5e-3, [1, 5]),
+    ([2e-3, 1e-4, 1e-4], 5e-3, [1, 3, 50]),  # a cold first call
+    ([1e-3, 1e-4, 1e-4], 5e-3, [1, 5, 50]),
+    ([1e-3, 2e-3], 5e-3, [1, 5]),  # slower than the first call: block is long enough
+    ([1e-9, 1e-9], 5e-3, [1, MAX_BLOCK_CALLS]),
+]
+CALIBRATION_IDS = [
+    f"{'-'.join(map(str, times))}-min={block}" for times, block, _ in CALIBRATION_CASES
+]
+
+
+@mark.parametrize("times, min_block, blocks", CALIBRATION_CASES, ids=CALIBRATION_IDS)
+def test_calibrate_block(times: list[float], min_block: float, blocks: list[int]):
+    """Blocks grow until one holds as many calls as its own time per call asks for.
+
+    Args:
+        times: Seconds per call that the successive timed blocks report.
+        min_block: Shortest block.
+        blocks: Expected sizes of the timed blocks; the last one is the result.
+    """
+    timed = []
+
+    def timer(fn, calls: int) -> float:
+        timed.append(calls)
+        return times[min(len(timed), len(times)) - 1]
+
+    calls = calibrate_block(timer, lambda: None, min_block)
+    assert timed == blocks
+    assert calls == (blocks[-1] if blocks else 1)
+
+
 @mark.parametrize("settle", [False, True], ids=["blocks", "blocks+settle"])
 def test_time_interleaved_blocks(settle: bool):
     """Short methods run in blocks; settling adds one untimed call per round.
@@ -335,9 +371,14 @@ def test_time_interleaved_blocks(settle: bool):
     )
     assert result.calls["long"] == 1 and 1 < result.calls["short"] <= MAX_BLOCK_CALLS
     for name, count in counts.items():
-        per_round = result.calls[name] + settle
-        assert count == warmup + 1 + repeats * per_round, (name, count)
+        rounds = repeats * (result.calls[name] + settle)
         assert len(result.times[name]) == repeats
+        # calibration times one call, then (for short methods) at least one block
+        calibration = count - warmup - rounds
+        if name == "long":
+            assert calibration == 1, (name, count)
+        else:
+            assert calibration >= 1 + result.calls[name], (name, count)
     assert result.median("long") >= 2e-3 > result.median("short")
 
 
