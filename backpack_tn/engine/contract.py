@@ -224,9 +224,11 @@ class _Pairwise(NamedTuple):
         second: The second operand's letters.
         output: The result's letters.
         batch: Letters of both operands and the result.
-        contracted: Letters of both operands only (summed over).
-        gram: Whether the operands carry the same letters at the same positions,
-            except for free letters: a Gram product when both are one tensor.
+        contracted: Letters of both operands only (summed over); empty for an
+            elementwise product.
+        gram: Whether some letters are summed and the operands carry the same
+            letters at the same positions, except for free letters: a Gram
+            product when both are one tensor.
     """
 
     first: str
@@ -245,8 +247,9 @@ def _pairwise(equation: str) -> _Pairwise | None:
 
     Returns:
         The roles, or ``None`` for steps with one or three operands, repeated
-        letters (diagonals), letters of one operand that the result lacks, or no
-        summed letter; ``torch.einsum`` runs those.
+        letters (diagonals), or letters of one operand that the result lacks;
+        ``torch.einsum`` runs those. A step without a summed letter is an
+        elementwise product of broadcast views (:func:`_product_step`).
     """
     inputs, output = equation.split("->")
     operands = inputs.split(",")
@@ -261,11 +264,13 @@ def _pairwise(equation: str) -> _Pairwise | None:
         return None
     batch = "".join(leg for leg in first if leg in second and leg in output)
     contracted = "".join(leg for leg in first if leg in second and leg not in output)
-    if not contracted:
-        return None
-    gram = len(first) == len(second) and all(
-        a == b or (a not in second and b not in first)
-        for a, b in zip(first, second, strict=True)
+    gram = (
+        bool(contracted)
+        and len(first) == len(second)
+        and all(
+            a == b or (a not in second and b not in first)
+            for a, b in zip(first, second, strict=True)
+        )
     )
     return _Pairwise(first, second, output, batch, contracted, gram)
 
@@ -498,11 +503,52 @@ def _run_step(
     if pair is None:
         return einsum(equation, *operands)
     a, b = operands
+    if not pair.contracted:
+        return _product_step(a, b, pair)
     if a.numel() + b.numel() < SMALL_STEP:
         return einsum(equation, a, b)
     if pair.gram and _same_view(a, b):
         return _gram_step(a, pair)
     return _bmm_step(a, b, pair)
+
+
+def _product_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
+    """A step without summed legs as one broadcast elementwise product.
+
+    ``torch.einsum`` runs such a step (e.g. the per-sample outer products
+    ``x[n, i] g[n, o]``) as a batched GEMM with one summed element, 1.4x slower
+    than the product on 1152 x 512 outer products and twice as slow to dispatch.
+
+    Args:
+        a: First operand.
+        b: Second operand.
+        step: The step's leg roles (no summed legs).
+
+    Returns:
+        The step's result (in the memory order that ``torch.mul`` picks from the
+        operands' strides).
+    """
+    return _aligned(a, step.first, step.output) * _aligned(b, step.second, step.output)
+
+
+def _aligned(x: Tensor, letters: str, output: str) -> Tensor:
+    """A view of ``x`` with one dimension per output letter (size 1 where missing).
+
+    Args:
+        x: An operand.
+        letters: Its letters.
+        output: The result's letters; they include all of ``letters``.
+
+    Returns:
+        The view, broadcastable to the result.
+    """
+    order = [letters.index(leg) for leg in output if leg in letters]
+    if order != sorted(order):
+        x = x.permute(order)
+    if len(letters) == len(output):
+        return x
+    sizes = iter(x.shape)
+    return x.view([next(sizes) if leg in letters else 1 for leg in output])
 
 
 def _same_view(first: Tensor, second: Tensor) -> bool:

@@ -81,25 +81,59 @@ def test_self_product_matches_einsum(case):
         assert_allclose_report(actual, expected)
 
 
-#: Pairwise steps and whether they are batched GEMMs (``None``: ``torch.einsum``
-#: runs them) with the Gram product's leg pattern.
+#: Pairwise steps and how they run: ``"gram"`` (Gram product's leg pattern),
+#: ``"gemm"`` (batched GEMM), ``"product"`` (no summed leg) or ``None``
+#: (``torch.einsum``).
 STEP_ROLE_CASES = [
-    ("ab,ab->", True),
-    ("ab,ac->bc", True),
-    ("ab,ba->ab", None),  # no summed leg
+    ("ab,ab->", "gram"),
+    ("ab,ac->bc", "gram"),
+    ("ab,ba->ab", "product"),
+    ("ab,ab->ab", "product"),  # same letters, but nothing summed: no Gram product
+    ("abcd,bce->abcde", "product"),
     ("ab,ac->b", None),  # c is summed in one operand only
     ("aab,ac->bc", None),  # diagonal
     ("abc,abd->ad", None),
-    ("ab,abc->ac", False),
-    ("abc,bde->acde", False),
+    ("ab,abc->ac", "gemm"),
+    ("abc,bde->acde", "gemm"),
 ]
 
 
-@pytest.mark.parametrize("equation, gram", STEP_ROLE_CASES, ids=str)
-def test_step_roles(equation, gram):
-    """Steps are GEMMs, Gram products, or left to ``torch.einsum``."""
-    roles = contract._pairwise(equation)
-    assert (roles if roles is None else roles.gram) == gram
+def _step_kind(roles: contract._Pairwise | None) -> str | None:
+    if roles is None:
+        return None
+    if not roles.contracted:
+        return "product"
+    return "gram" if roles.gram else "gemm"
+
+
+@pytest.mark.parametrize("equation, kind", STEP_ROLE_CASES, ids=str)
+def test_step_roles(equation, kind):
+    """Steps are GEMMs, Gram products, products, or left to ``torch.einsum``."""
+    assert _step_kind(contract._pairwise(equation)) == kind
+
+
+#: Steps without summed legs: (equation, shapes); the second operand is also
+#: passed transposed in memory.
+PRODUCT_STEP_CASES = [
+    ("abcd,bce->abcde", [(2, 3, 1, 4), (3, 1, 5)]),
+    ("ab,ba->ab", [(3, 4), (4, 3)]),
+    ("nab,nb->bna", [(2, 3, 4), (2, 4)]),
+    ("ab,cd->dacb", [(2, 3), (4, 5)]),
+]
+
+
+@pytest.mark.parametrize(
+    "equation, shapes", PRODUCT_STEP_CASES, ids=[c[0] for c in PRODUCT_STEP_CASES]
+)
+def test_product_step_matches_einsum(equation, shapes):
+    """Steps without summed legs match ``torch.einsum``."""
+    torch.manual_seed(0)
+    a, b = (torch.randn(shape, dtype=torch.float64) for shape in shapes)
+    inputs, output = equation.split("->")
+    legs = [tuple(letters) for letters in inputs.split(",")]
+    for second in (b, b.mT.contiguous().mT):
+        actual = contract.contract(legs, tuple(output), [a, second])
+        assert_allclose_report(actual, torch.einsum(equation, a, second))
 
 
 #: Pairwise steps on operands in different memory orders: (equation, shapes,
