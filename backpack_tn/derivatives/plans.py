@@ -20,7 +20,7 @@ from torch import Tensor
 
 from backpack_tn.derivatives import implementations
 from backpack_tn.engine import contract, gemm
-from backpack_tn.engine.tape import capture, input_problem
+from backpack_tn.engine.tape import capture, replayable
 
 #: Bound on the number of stored plans; the store is emptied when it is full.
 MAX_PLANS = 4096
@@ -62,16 +62,30 @@ def _settings() -> tuple:
     )
 
 
-def _layout(value: object) -> object:
-    if isinstance(value, Tensor):
-        return (
-            tuple(value.shape),
-            value.stride(),
-            value.storage_offset(),
-            value.dtype,
-            value.device,
+def _layouts(inputs: Sequence[Tensor]) -> tuple | None:
+    """The layouts of an evaluation's inputs, if a record can take them.
+
+    Returns:
+        Shape, strides, storage offset, dtype and device per input; ``None``
+        where :func:`~backpack_tn.engine.tape.input_problem` finds a problem
+        (checked here in the same pass, as this runs on every call).
+    """
+    layouts = []
+    for tensor in inputs:
+        if not replayable(tensor):
+            return None
+        layouts.append(
+            (
+                tensor.shape,
+                tensor.stride(),
+                tensor.storage_offset(),
+                tensor.dtype,
+                tensor.device,
+            )
         )
-    return value
+    if len({id(tensor) for tensor in inputs}) != len(inputs):
+        return None
+    return tuple(layouts)
 
 
 def run(
@@ -91,9 +105,10 @@ def run(
     Returns:
         The evaluation's result (or its replay's).
     """
-    if not _ENABLED["enabled"] or input_problem(inputs) is not None:
+    layouts = _layouts(inputs) if _ENABLED["enabled"] else None
+    if layouts is None:
         return prepare()()
-    full_key = (key, tuple(_layout(t) for t in inputs), _settings())
+    full_key = (key, layouts, _settings())
     plan = _PLANS.get(full_key, _MISSING)
     if plan is None:
         return prepare()()

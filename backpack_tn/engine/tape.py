@@ -67,6 +67,55 @@ QUERIES = frozenset(
 #: Calls that return ``None`` and modify a tensor in place; they are replayed.
 MUTATIONS = frozenset({"torch.Tensor.__setitem__"})
 
+#: Calls that return a view of their first argument (or, for ``reshape``, a
+#: copy), have no side effects and read no other tensor. A view is replayed as one
+#: ``torch.as_strided`` of the tensor that its chain of views starts from, and a
+#: call whose result nobody reads is dropped.
+VIEWS = frozenset(
+    f"torch.Tensor.{name}"
+    for name in (
+        "view",
+        "reshape",
+        "unflatten",
+        "flatten",
+        "permute",
+        "transpose",
+        "swapaxes",
+        "swapdims",
+        "movedim",
+        "moveaxis",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "narrow",
+        "select",
+        "unfold",
+        "as_strided",
+        "diagonal",
+        "t",
+        "__getitem__",
+        "T.__get__",
+        "mT.__get__",
+    )
+) | frozenset(
+    f"torch.{name}"
+    for name in (
+        "reshape",
+        "flatten",
+        "permute",
+        "transpose",
+        "swapaxes",
+        "movedim",
+        "squeeze",
+        "unsqueeze",
+        "narrow",
+        "select",
+        "as_strided",
+        "diagonal",
+        "t",
+    )
+)
+
 #: Records longer than this many calls are refused (loops over many blocks).
 MAX_CALLS = 512
 
@@ -163,7 +212,8 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, inputs: Sequence[Tensor]):
         super().__init__()
-        self.lines: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+        self.lines: list[tuple[str, tuple[str, ...], tuple[str, ...], bool]] = []
+        self.roots: dict[str, str] = {}
         self.namespace: dict[str, object] = {}
         self.names: dict[int, tuple[weakref.ref, str]] = {}
         self.used: list[str] = []
@@ -268,39 +318,108 @@ class _Recorder(TorchFunctionMode):
         if len(self.lines) >= MAX_CALLS:
             raise UnrecordableError(f"more than {MAX_CALLS} calls")
         self.used = []
-        call = ", ".join(
-            [self.expression(a) for a in args]
-            + [f"{k}={self.expression(v)}" for k, v in kwargs.items()]
-        )
+        root = self._view_root(name, args, kwargs, result)
+        if root is None:
+            call = ", ".join(
+                [self.expression(a) for a in args]
+                + [f"{k}={self.expression(v)}" for k, v in kwargs.items()]
+            )
+            code = f"{self._constant(func)}({call})"
+        else:
+            geometry = (tuple(result.shape), result.stride(), result.storage_offset())
+            call = ", ".join([root, *map(repr, geometry)])
+            code = f"{self._constant(torch.as_strided)}({call})"
         used = tuple(self.used)
-        code = f"{self._constant(func)}({call})"
         targets = tuple(f"t{self.count + j}" for j in range(len(outputs)))
         self.count += len(outputs)
         for tensor, target in zip(outputs, targets, strict=True):
             if not replayable(tensor):
                 raise UnrecordableError(f"{name} returned a wrapped tensor")
             self._bind(tensor, target)
+            if root is not None:
+                self.roots[target] = root
         if isinstance(result, Tensor):
             code = f"{targets[0]} = {code}"
         elif outputs:
             names = iter(targets)
             unpacked = ", ".join("_" if r is None else next(names) for r in result)
             code = f"{unpacked}, = {code}"
-        self.lines.append((code, used, targets))
+        self.lines.append((code, used, targets, name in VIEWS))
+
+    def _view_root(
+        self, name: str, args: tuple, kwargs: dict, result: object
+    ) -> str | None:
+        """The variable a view's chain starts from, if the call is such a view.
+
+        Returns:
+            The name of the tensor that ``result`` views (marked as read), or
+            ``None`` if the call is no view of its first argument alone.
+        """
+        if name not in VIEWS or not isinstance(result, Tensor) or not args:
+            return None
+        source = args[0]
+        if not isinstance(source, Tensor) or _holds_tensor((args[1:], kwargs)):
+            return None
+        if not _is_view_of(result, source):
+            return None
+        source_name = self.name_of(source)
+        root = self.roots.get(source_name, source_name)
+        self.used = [] if root.startswith("c") else [root]
+        return root
+
+
+def _holds_tensor(value: object) -> bool:
+    """Whether an argument is or contains a tensor.
+
+    Returns:
+        ``True`` for tensors and tuples, lists or dicts that hold one.
+    """
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    return isinstance(value, tuple | list) and any(map(_holds_tensor, value))
+
+
+def _is_view_of(result: Tensor, source: Tensor) -> bool:
+    """Whether ``result`` reads ``source`` 's memory as plain strided elements.
+
+    Returns:
+        ``True`` if both share storage, dtype, device and the strided layout, and
+        ``result`` carries no lazy conjugation or negation.
+    """
+    return (
+        result.layout == torch.strided
+        and source.layout == torch.strided
+        and result.dtype == source.dtype
+        and result.device == source.device
+        and not result.is_conj()
+        and not result.is_neg()
+        and result.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+    )
 
 
 def _compile(recorder: _Recorder, output: str) -> Callable[..., Tensor]:
     """Generate the replay function; each variable is deleted after its last use.
 
+    Views whose results no later call reads (nor the output) are dropped first.
+
     Returns:
         ``replay(*inputs) -> Tensor``.
     """
+    live, lines = {output}, []
+    for code, used, targets, pure in reversed(recorder.lines):
+        if pure and live.isdisjoint(targets):
+            continue  # a view nobody reads
+        live.update(used)
+        lines.append((code, used, targets))
+    lines.reverse()
     last_use: dict[str, int] = {}
-    for j, (_, used, _) in enumerate(recorder.lines):
+    for j, (_, used, _) in enumerate(lines):
         for name in used:
             last_use[name] = j
     body = []
-    for j, (code, _, targets) in enumerate(recorder.lines):
+    for j, (code, _, targets) in enumerate(lines):
         body.append(code)
         dead = [
             name

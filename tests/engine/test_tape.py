@@ -44,6 +44,16 @@ def _weight_gradient(x, w):
     return gradient
 
 
+# In-place updates through views, a view nobody reads, an index that is a tensor.
+def _updates_through_views(x, w):
+    y = x.clone()
+    y[1].mul_(2.0)
+    y.t()[0].add_(1.0)
+    unused = y.view(-1)  # noqa: F841
+    picked = y[torch.tensor([0, 2])]
+    return picked.unflatten(1, (7, 1)).transpose(0, 1).squeeze(-1) @ w[:2, :2]
+
+
 # Control flow on tensor values: not replayable.
 def _reads_values(x, w):
     return x * 2 if x.sum().item() > 0 else x * 3
@@ -65,6 +75,7 @@ OUTSIDE = torch.ones(3, 7)
 REPLAYABLE = [
     ("views_and_products", _views_and_products),
     ("weight_gradient", _weight_gradient),
+    ("updates_through_views", _updates_through_views),
 ]
 #: (name, function, part of the refusal's reason).
 REFUSED = [
@@ -120,6 +131,27 @@ def test_intermediates_are_deleted_after_last_use():
     }
     result = lines[-1].split("return ")[1]
     assert assigned - {result} <= deleted
+
+
+def test_view_chains_replay_as_one_strided_view():
+    """A chain of views is one ``as_strided`` of its start; unread views are gone.
+
+    ``_updates_through_views`` makes 14 calls: clone, two views updated in place
+    (one a chain of two) and the two updates, an unread view, a tensor index and
+    the tensor it is built from, a chain of three views of the result, one view of
+    ``w`` and the product. The replay makes 10: one ``as_strided`` per updated
+    view, per chain and for the view of ``w``.
+    """
+    x, w = _inputs(0)
+    _, replay, _ = capture(lambda: _updates_through_views(x, w), [x, w])
+    calls = [
+        line.split(" = ")[1] for line in replay.source.splitlines() if " = " in line
+    ]
+    functions = [replay.__globals__[call.split("(")[0]] for call in calls]
+    assert len(calls) == 10, replay.source
+    assert sum(f is torch.as_strided for f in functions) == 4, replay.source
+    x, w = _inputs(1)
+    assert_allclose_report(replay(x, w), _updates_through_views(x, w))
 
 
 @pytest.mark.parametrize(
