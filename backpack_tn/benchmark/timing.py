@@ -20,11 +20,14 @@ own steady state instead, as ``timeit`` and ``torch.utils.benchmark`` do:
   the block starts from the method's own caches and allocator state.
 
 On a shared machine, another process using a core makes multi-threaded kernels
-erratically slow. With gating, each round waits until the *foreign* CPU load is
-below a threshold (busy time of all CPUs from ``/proc/stat``, including steal,
-minus this process's own CPU time from :func:`os.times`, per CPU and second),
-and a round during which the foreign load exceeded the threshold is discarded
-and repeated.
+erratically slow. With gating, a round is judged by the *foreign* CPU load over
+the trailing window of at least ``window`` seconds that ends with it (busy time
+of all CPUs from ``/proc/stat``, including steal, minus this process's own CPU
+time from :func:`os.times`, per CPU and second). A round judged too loaded is
+discarded and repeated once the machine has been quiet for a whole window; the
+first round waits for such a window too. Rounds on a quiet machine run back to
+back: the window reaches back over the rounds before, instead of being slept
+before each round.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import random
 import statistics
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -116,6 +120,8 @@ class LoadGate:
     max_wait: float = 120.0
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     _warned: bool = field(default=False, repr=False)
+    _marks: deque = field(default_factory=deque, repr=False)
+    _wait: bool = field(default=True, repr=False)
 
     @property
     def available(self) -> bool:
@@ -168,6 +174,41 @@ class LoadGate:
                     )
                     self._warned = True
                 return time.perf_counter() - start, since
+
+    def begin_round(self) -> float:
+        """Mark the start of a round; first wait for a quiet window if needed.
+
+        Waits before the first round and after a disturbed one.
+
+        Returns:
+            Seconds waited.
+        """
+        waited = 0.0
+        if self._wait:
+            waited, since = self.wait_quiet()
+            self._marks.clear()
+            self._marks.append(since)
+            self._wait = False
+        self._marks.append(self.mark())
+        return waited
+
+    def disturbed(self) -> bool:
+        """Whether the round that just ended ran under too much foreign load.
+
+        The load is measured since the latest mark at least one window old (the
+        oldest mark if none is), so a short round is judged together with the
+        rounds before it. A disturbed round makes the next one wait.
+
+        Returns:
+            ``True`` if the foreign load reached the threshold.
+        """
+        now = time.perf_counter()
+        while len(self._marks) > 1 and self._marks[1][2] <= now - self.window:
+            self._marks.popleft()
+        if self.foreign_load(self._marks[0]) < self.threshold:
+            return False
+        self._wait = True
+        return True
 
 
 @dataclass
@@ -341,10 +382,8 @@ def time_interleaved(
     accepted = 0
     shuffler = random.Random(0)
     while active and accepted < repeats:
-        since = None
         if gate is not None:
-            waited, since = gate.wait_quiet()
-            result.waited += waited
+            result.waited += gate.begin_round()
         order: Sequence[str] = list(active)
         shuffler.shuffle(order)
         times = {}
@@ -357,11 +396,7 @@ def time_interleaved(
                 result.errors[name] = error
                 active.remove(name)
                 del result.times[name]
-        if (
-            gate is not None
-            and gate.foreign_load(since) >= gate.threshold
-            and result.discarded < max_discards
-        ):
+        if gate is not None and gate.disturbed() and result.discarded < max_discards:
             result.discarded += 1
             continue
         for name, seconds in times.items():

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from pytest import CaptureFixture, mark, raises
+from pytest import CaptureFixture, MonkeyPatch, approx, mark, raises
 
 from backpack_tn.__main__ import main
 from backpack_tn.benchmark import (
@@ -24,6 +25,7 @@ from backpack_tn.benchmark import (
     enumerate_net,
     parse_layer_spec,
     run_benchmark,
+    timing,
 )
 from backpack_tn.benchmark.memory import MemoryResult, measure_in_subprocess
 from backpack_tn.benchmark.ops import OP_NAMES, REFERENCES, prepare
@@ -391,6 +393,63 @@ def test_load_gate_measures_a_fraction():
     assert 0.0 <= load
     waited, _ = LoadGate(threshold=0.99, window=0.05).wait_quiet()
     assert waited >= 0.0
+
+
+class _FakeMachine:
+    """Clock and CPU counters of a machine whose foreign load changes on demand."""
+
+    def __init__(self, monkeypatch: MonkeyPatch):
+        self.wall, self.busy, self.load, self.sleeps = 0.0, 0.0, 0.0, []
+        clock = SimpleNamespace(perf_counter=lambda: self.wall, sleep=self.sleep)
+        monkeypatch.setattr(timing, "time", clock)
+        monkeypatch.setattr(timing, "_busy_cpu_seconds", lambda: self.busy)
+        monkeypatch.setattr(timing, "_own_cpu_seconds", lambda: 0.0)
+
+    def sleep(self, seconds: float):
+        self.sleeps.append(seconds)
+        self.run(seconds)
+
+    def run(self, seconds: float):
+        """Let time pass under the current foreign load (one CPU)."""
+        self.wall += seconds
+        self.busy += self.load * seconds
+
+
+def test_load_gate_judges_rounds_over_a_trailing_window(monkeypatch):
+    """Quiet rounds run back to back; a loaded one is discarded, then waits."""
+    machine = _FakeMachine(monkeypatch)
+    gate = LoadGate(threshold=0.1, window=1.0, cpus=1)
+    assert gate.begin_round() == 1.0  # the first round waits for a quiet window
+    for _ in range(5):  # quiet rounds of 0.3 s: no more waiting
+        machine.run(0.3)
+        assert not gate.disturbed()
+        assert gate.begin_round() == 0.0
+    assert machine.sleeps == [1.0]
+    machine.load = 1.0  # a disturbed round: 0.3 s of load in a 1.2 s window
+    machine.run(0.3)
+    assert gate.disturbed()
+    machine.load = 0.0
+    assert gate.begin_round() == 1.0  # waits for a quiet window again
+    machine.run(0.3)
+    assert not gate.disturbed()  # judged over the quiet window, not the burst
+
+
+def test_time_interleaved_discards_loaded_rounds(monkeypatch):
+    """A round under foreign load is repeated; waiting is counted."""
+    machine = _FakeMachine(monkeypatch)
+    calls = []
+
+    def method():
+        calls.append(machine.wall)
+        machine.load = 1.0 if len(calls) == 3 else 0.0  # warm-up, round 1, round 2
+        machine.run(0.2)
+        machine.load = 0.0
+
+    gate = LoadGate(threshold=0.1, window=0.5, cpus=1)
+    result = time_interleaved({"a": method}, repeats=3, gate=gate)
+    assert result.discarded == 1 and len(result.times["a"]) == 3
+    assert result.waited == 1.0  # before the first round and after the loaded one
+    assert all(t == approx(0.2) for t in result.times["a"])
 
 
 def test_memory_worker():
