@@ -9,6 +9,7 @@ ones through ``torch.einsum``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
-from torch import Tensor, einsum
+from torch import Tensor, einsum, stack
 
 from backpack_tn.engine.gemm import gemm_nt
 from backpack_tn.engine.gram import gram
@@ -396,8 +397,11 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         side.summed = [dims[leg] for leg in contracted]
         side.mat = _matrices(x, side.batch, free, side.summed)
         sides.append(side)
-    if math.prod(big.shape[dims_big[leg]] for leg in batch) == 1:
+    slices = math.prod(big.shape[dims_big[leg]] for leg in batch)
+    if slices == 1:
         _batch_outer_free(sides)
+    elif _slicing_pays(sides, slices, step, big):
+        return _sliced_step(a, b, step)
     for side in sides:
         if side.mat is None:
             side.mat, side.free = _copied_matrices(
@@ -461,6 +465,86 @@ def _batch_outer_free(sides: list[_Side]):
         if mat is not None:
             side.mat, side.free, side.outer = mat, rest, outer
             return
+
+
+#: Most batch slices that :func:`_sliced_step` runs one by one.
+MAX_SLICES = 64
+
+
+def _slicing_pays(
+    sides: list[_Side], slices: int, step: _Pairwise, big: Tensor
+) -> bool:
+    """Whether a batched step should run slice by slice instead of copying an operand.
+
+    Per batch slice, the outer free dimensions of a side without a GEMM view can
+    be GEMM batches (:func:`_batch_outer_free`), so no operand is copied; the
+    slices' results are stacked instead. That pays when the operand that would
+    be copied is larger than the result: the GGN diagonal of a Linear layer with
+    shared dimensions (56 x 56 positions, 128 → 512 features, 10 vectors of
+    8 samples) spent 630 ms with a sample-major copy of its 514 MB of vectors,
+    and 365 ms slice by slice.
+
+    Args:
+        sides: Both operands, with ``mat`` set where a view serves.
+        slices: Number of batch slices.
+        step: The step's leg roles.
+        big: The larger operand.
+
+    Returns:
+        ``True`` to run :func:`_sliced_step`.
+    """
+    if slices > MAX_SLICES:
+        return False
+    copied = sum(side.x.numel() for side in sides if side.mat is None)
+    sizes = {
+        leg: side.x.shape[d] for side in sides for d, leg in enumerate(side.letters)
+    }
+    return copied > math.prod(sizes[leg] for leg in step.output)
+
+
+def _sliced_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
+    """A batched step as one unbatched step per batch index, results stacked.
+
+    Args:
+        a: First operand.
+        b: Second operand.
+        step: The step's leg roles (with batch legs).
+
+    Returns:
+        The step's result.
+    """
+
+    def without_batch(letters: str) -> str:
+        return "".join(leg for leg in letters if leg not in step.batch)
+
+    inner = step._replace(
+        first=without_batch(step.first),
+        second=without_batch(step.second),
+        output=without_batch(step.output),
+        batch="",
+        gram=False,
+    )
+    sizes = [a.shape[step.first.index(leg)] for leg in step.batch]
+    results = []
+    for index in itertools.product(*map(range, sizes)):
+        a_slice = _batch_slice(a, step.first, step.batch, index)
+        b_slice = _batch_slice(b, step.second, step.batch, index)
+        results.append(_bmm_step(a_slice, b_slice, inner))
+    result = stack(results).view(*sizes, *results[0].shape)
+    legs = step.batch + inner.output
+    return result.permute([legs.index(leg) for leg in step.output])
+
+
+def _batch_slice(x: Tensor, letters: str, batch: str, index: tuple[int, ...]) -> Tensor:
+    """The slice of ``x`` at one index of the batch legs.
+
+    Returns:
+        A view without the batch legs' dimensions.
+    """
+    # select from the last dimension on, so that earlier positions stay valid
+    for d, i in sorted(zip(map(letters.index, batch), index, strict=True))[::-1]:
+        x = x.select(d, i)
+    return x
 
 
 def _gram_step(x: Tensor, step: _Pairwise) -> Tensor:

@@ -170,6 +170,49 @@ def test_gemm_step_matches_einsum(equation, shapes, orders):
     assert_allclose_report(actual, torch.einsum(equation, *operands))
 
 
+#: Batched steps in which one operand has no GEMM view and is larger than the
+#: result: (equation, shapes, permutation of each operand's memory order, id).
+SLICED_STEP_CASES = [
+    (
+        "vnso,nsi->vnoi",
+        [(4, 2, 2100, 8), (2, 2100, 3)],
+        [(0, 1, 2, 3), (0, 1, 2)],
+        "one",
+    ),
+    (
+        "vnmso,mnsi->nmvoi",
+        [(3, 2, 3, 1000, 4), (3, 2, 1000, 2)],
+        [(0, 1, 2, 3, 4), (2, 0, 1, 3)],
+        "two-batch-legs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "equation, shapes, orders",
+    [c[:3] for c in SLICED_STEP_CASES],
+    ids=[c[3] for c in SLICED_STEP_CASES],
+)
+def test_sliced_step_matches_einsum(equation, shapes, orders, monkeypatch):
+    """Steps run slice by slice instead of copying a large operand match einsum."""
+    torch.manual_seed(0)
+    operands = []
+    for shape, order in zip(shapes, orders, strict=True):
+        stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
+        operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
+    sliced = []
+    monkeypatch.setattr(
+        contract,
+        "_sliced_step",
+        lambda *args, run=contract._sliced_step: sliced.append(1) or run(*args),
+    )
+    inputs, output = equation.split("->")
+    legs = [tuple(letters) for letters in inputs.split(",")]
+    actual = contract.contract(legs, tuple(output), operands)
+    assert sliced, "the step was not sliced"
+    assert_allclose_report(actual, torch.einsum(equation, *operands))
+
+
 def test_gemm_steps_under_vmap_and_autograd():
     """GEMM and Gram steps work on batched (``vmap``) and differentiated inputs."""
     torch.manual_seed(0)
