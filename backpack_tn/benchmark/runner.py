@@ -696,8 +696,17 @@ def _measure(
     )
 
 
+#: Peaks below this many MiB count as this many in memory ratios: the resident set
+#: moves by tens of KiB between runs of one method (page-granular counting, the
+#: allocator's and the interpreter's own memory), so a ratio of two peaks of a few
+#: KiB says nothing about the method.
+MEMORY_RESOLUTION_MIB = 0.25
+
+
 def _add_ratios(rows: Iterable[dict]):
     """Add time and memory ratios against the best reference, in place.
+
+    Memory ratios count peaks below :data:`MEMORY_RESOLUTION_MIB` as that much.
 
     Args:
         rows: Rows of one (layer, op).
@@ -713,12 +722,10 @@ def _add_ratios(rows: Iterable[dict]):
                 row["ratio"] = row["time_ms"] / fastest["time_ms"]
     measured = [r for r in refs if not math.isnan(r.get("mem_mib", math.nan))]
     if measured:
-        smallest = min(r["mem_mib"] for r in measured)
+        smallest = max(min(r["mem_mib"] for r in measured), MEMORY_RESOLUTION_MIB)
         for row in rows:
             if not math.isnan(row.get("mem_mib", math.nan)):
-                row["mem_ratio"] = (
-                    row["mem_mib"] / smallest if smallest > 0 else math.nan
-                )
+                row["mem_ratio"] = max(row["mem_mib"], MEMORY_RESOLUTION_MIB) / smallest
 
 
 def _complete(row: dict) -> dict:

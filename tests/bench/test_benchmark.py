@@ -25,6 +25,7 @@ from backpack_tn.benchmark import (
     enumerate_net,
     parse_layer_spec,
     run_benchmark,
+    runner,
     timing,
 )
 from backpack_tn.benchmark.memory import MemoryResult, measure_in_subprocess
@@ -450,6 +451,28 @@ def test_time_interleaved_discards_loaded_rounds(monkeypatch):
     assert result.discarded == 1 and len(result.times["a"]) == 3
     assert result.waited == 1.0  # before the first round and after the loaded one
     assert all(t == approx(0.2) for t in result.times["a"])
+
+
+#: (reference peaks, our peak, expected memory ratio) in MiB.
+MEMORY_RATIO_CASES = [
+    ([8.0, 4.0], 5.0, 1.25),
+    ([0.004, 0.06], 0.09, 1.0),  # all below the resolution
+    ([0.004, 0.06], 1.0, 4.0),
+    ([0.5], 0.1, 0.5),
+]
+
+
+@mark.parametrize("refs, ours, ratio", MEMORY_RATIO_CASES, ids=str)
+def test_memory_ratios_have_a_resolution(refs: list[float], ours: float, ratio: float):
+    """Peaks below the measurement's resolution count as the resolution."""
+    rows = [
+        {"family": "reference", "status": "ok", "method": f"r{j}", "mem_mib": peak}
+        for j, peak in enumerate(refs)
+    ]
+    rows.append({"family": "ours", "status": "ok", "method": "o", "mem_mib": ours})
+    runner._add_ratios(rows)
+    assert rows[-1]["mem_ratio"] == approx(ratio)
+    assert runner.MEMORY_RESOLUTION_MIB == 0.25
 
 
 def test_memory_worker():
