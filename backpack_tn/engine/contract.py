@@ -469,6 +469,9 @@ def _batch_outer_free(sides: list[_Side]):
 
 #: Most batch slices that :func:`_sliced_step` runs one by one.
 MAX_SLICES = 64
+#: Fewest bytes of copying that each slice must save: a slice costs about
+#: five calls (views, GEMM), a copy streams about 10 GB/s.
+MIN_SLICE_BYTES = 1 << 18
 
 
 def _slicing_pays(
@@ -479,10 +482,11 @@ def _slicing_pays(
     Per batch slice, the outer free dimensions of a side without a GEMM view can
     be GEMM batches (:func:`_batch_outer_free`), so no operand is copied; the
     slices' results are stacked instead. That pays when the operand that would
-    be copied is larger than the result: the GGN diagonal of a Linear layer with
+    be copied is larger than the result, and large enough for each slice to save
+    :data:`MIN_SLICE_BYTES` of copying: the GGN diagonal of a Linear layer with
     shared dimensions (56 x 56 positions, 128 → 512 features, 10 vectors of
-    8 samples) spent 630 ms with a sample-major copy of its 514 MB of vectors,
-    and 365 ms slice by slice.
+    8 samples) took 528 ms with a sample-major copy of its 514 MB of vectors,
+    and 184 ms slice by slice.
 
     Args:
         sides: Both operands, with ``mat`` set where a view serves.
@@ -496,6 +500,8 @@ def _slicing_pays(
     if slices > MAX_SLICES:
         return False
     copied = sum(side.x.numel() for side in sides if side.mat is None)
+    if copied * big.element_size() < slices * MIN_SLICE_BYTES:
+        return False
     sizes = {
         leg: side.x.shape[d] for side in sides for d, leg in enumerate(side.letters)
     }
