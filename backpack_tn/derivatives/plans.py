@@ -55,6 +55,9 @@ def _settings() -> tuple:
     return (
         contract.get_optimizer(),
         contract.SMALL_STEP,
+        contract.MAX_SLICES,
+        contract.MIN_SLICE_BYTES,
+        contract.MIN_SLICE_ROWS,
         implementations.VJP_BLOCK_BYTES,
         implementations.KERNEL_BLOCK_BYTES,
         gemm.gemm_backend(),

@@ -171,45 +171,56 @@ def test_gemm_step_matches_einsum(equation, shapes, orders):
 
 
 #: Batched steps in which one operand has no GEMM view and is larger than the
-#: result: (equation, shapes, permutation of each operand's memory order, id).
+#: result: (equation, shapes, permutation of each operand's memory order, whether
+#: the step runs slice by slice, id). Slicing needs GEMMs of at least
+#: ``MIN_SLICE_ROWS`` rows.
 SLICED_STEP_CASES = [
     (
         "vnso,nsi->vnoi",
-        [(4, 2, 2100, 8), (2, 2100, 3)],
+        [(2, 2, 600, 256), (2, 600, 3)],
         [(0, 1, 2, 3), (0, 1, 2)],
+        True,
         "one",
     ),
     (
         "vnmso,mnsi->nmvoi",
-        [(3, 2, 3, 6000, 4), (3, 2, 6000, 2)],
+        [(2, 2, 3, 300, 256), (3, 2, 300, 2)],
         [(0, 1, 2, 3, 4), (2, 0, 1, 3)],
+        True,
         "two-batch-legs",
+    ),
+    (
+        "vnso,nsi->vnoi",
+        [(4, 2, 2100, 8), (2, 2100, 3)],
+        [(0, 1, 2, 3), (0, 1, 2)],
+        False,
+        "narrow-rows",
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    "equation, shapes, orders",
-    [c[:3] for c in SLICED_STEP_CASES],
-    ids=[c[3] for c in SLICED_STEP_CASES],
+    "equation, shapes, orders, sliced",
+    [c[:4] for c in SLICED_STEP_CASES],
+    ids=[c[4] for c in SLICED_STEP_CASES],
 )
-def test_sliced_step_matches_einsum(equation, shapes, orders, monkeypatch):
+def test_sliced_step_matches_einsum(equation, shapes, orders, sliced, monkeypatch):
     """Steps run slice by slice instead of copying a large operand match einsum."""
     torch.manual_seed(0)
     operands = []
     for shape, order in zip(shapes, orders, strict=True):
         stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
         operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
-    sliced = []
+    calls = []
     monkeypatch.setattr(
         contract,
         "_sliced_step",
-        lambda *args, run=contract._sliced_step: sliced.append(1) or run(*args),
+        lambda *args, run=contract._sliced_step: calls.append(1) or run(*args),
     )
     inputs, output = equation.split("->")
     legs = [tuple(letters) for letters in inputs.split(",")]
     actual = contract.contract(legs, tuple(output), operands)
-    assert sliced, "the step was not sliced"
+    assert bool(calls) == sliced
     assert_allclose_report(actual, torch.einsum(equation, *operands))
 
 
