@@ -388,15 +388,22 @@ def _is_view_of(result: Tensor, source: Tensor) -> bool:
         ``True`` if both share storage, dtype, device and the strided layout, and
         ``result`` carries no lazy conjugation or negation.
     """
-    return (
+    if not (
         result.layout == torch.strided
         and source.layout == torch.strided
         and result.dtype == source.dtype
         and result.device == source.device
         and not result.is_conj()
         and not result.is_neg()
-        and result.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-    )
+        and not result.is_nested
+    ):
+        return False
+    try:
+        return (
+            result.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+        )
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+        return False
 
 
 def _compile(recorder: _Recorder, output: str) -> Callable[..., Tensor]:
