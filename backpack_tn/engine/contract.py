@@ -467,7 +467,7 @@ def _batch_outer_free(sides: list[_Side]):
             return
 
 
-#: Most batch slices that :func:`_sliced_step` runs one by one.
+#: Most batch slices that a step runs one by one instead of copying an operand.
 MAX_SLICES = 64
 #: Fewest bytes of copying that each slice must save: a slice costs about
 #: five calls (views, GEMM), a copy streams about 10 GB/s.
