@@ -205,7 +205,8 @@ LARGE_DEPTHWISE_MAP = 2048
 #: its GEMM is too narrow to hide that (GGN diagonals at N = 8, V = 10: 24x56x56 1x1
 #: layer 17 ms against 47 ms, ConvNeXt's 3-channel 4x4 stem 17 against 44 ms; but
 #: 64x56x56 1x1 stride 2: 7.7 against 5.5 ms, 144x56x56 1x1 to 24 channels: 16.6
-#: against 6.9 ms).
+#: against 6.9 ms). The engine avoids that copy by slicing only for GEMMs of at
+#: least ``contract.MIN_SLICE_ROWS`` rows (output channels), which these layers lack.
 NARROW_GEMM = 48
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).

@@ -136,6 +136,20 @@ def test_product_step_matches_einsum(equation, shapes):
         assert_allclose_report(actual, torch.einsum(equation, a, second))
 
 
+def _stored_in_order(shapes, orders) -> list[torch.Tensor]:
+    """Random float64 operands of the given shapes, each stored in a permuted order.
+
+    Returns:
+        Operand ``j`` of shape ``shapes[j]``, whose memory order is ``orders[j]``.
+    """
+    torch.manual_seed(0)
+    operands = []
+    for shape, order in zip(shapes, orders, strict=True):
+        stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
+        operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
+    return operands
+
+
 #: Pairwise steps on operands in different memory orders: (equation, shapes,
 #: permutation applied to each operand's memory order, id).
 GEMM_STEP_CASES = [
@@ -159,11 +173,7 @@ GEMM_STEP_CASES = [
 )
 def test_gemm_step_matches_einsum(equation, shapes, orders):
     """Batched-GEMM steps match ``torch.einsum`` whatever the operands' layouts."""
-    torch.manual_seed(0)
-    operands = []
-    for shape, order in zip(shapes, orders, strict=True):
-        stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
-        operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
+    operands = _stored_in_order(shapes, orders)
     inputs, output = equation.split("->")
     legs = [tuple(letters) for letters in inputs.split(",")]
     actual = contract.contract(legs, tuple(output), operands)
@@ -206,11 +216,7 @@ SLICED_STEP_CASES = [
 )
 def test_sliced_step_matches_einsum(equation, shapes, orders, sliced, monkeypatch):
     """Steps run slice by slice instead of copying a large operand match einsum."""
-    torch.manual_seed(0)
-    operands = []
-    for shape, order in zip(shapes, orders, strict=True):
-        stored = torch.randn([shape[d] for d in order], dtype=torch.float64)
-        operands.append(stored.permute([order.index(d) for d in range(len(shape))]))
+    operands = _stored_in_order(shapes, orders)
     calls = []
     monkeypatch.setattr(
         contract,
