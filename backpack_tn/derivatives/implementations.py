@@ -411,9 +411,7 @@ def _kernel_padded(module, spec, x):
     """
     if spec.kind != "conv" or has_even_zero_padding(module, spec):
         return x
-    for d, pattern in enumerate(spec.patterns):
-        x = pad(x, 2 + d, pattern)
-    return x
+    return pad(x, {2 + d: pattern for d, pattern in enumerate(spec.patterns)})
 
 
 def _grouped_weight_gradient(module, spec, x, mat, sum_batch):
@@ -602,7 +600,7 @@ def _unfolded_vjps(spec, x, mat, sum_batch):
     ):
         padding = (first.padding[0], second.padding[0])  # im2col pads as it copies
     else:
-        x, padding = pad(pad(x, 2, first), 3, second), (0, 0)
+        x, padding = pad(x, {2: first, 3: second}), (0, 0)
     unfolded = functional.unfold(
         x,
         kernel_size=(first.kernel_size, second.kernel_size),

@@ -127,13 +127,17 @@ class IndexPattern:
             return True
         return self.dilation == 1 and self.stride >= self.kernel_size
 
-    def padding_map(self) -> Tensor:
+    def padding_map(self, device: torch.device | str = "cpu") -> Tensor:
         """Source input position of every padded position (``-1`` for zero).
 
+        Args:
+            device: Device of the result (cached per device, so that replays on
+                a GPU copy nothing from the host).
+
         Returns:
-            Long tensor of shape ``[I + P_left + P_right]`` on the CPU.
+            Long tensor of shape ``[I + P_left + P_right]``.
         """
-        return _padding_map(self)
+        return _padding_map(self, torch.device(device))
 
     def index_map(self) -> Tensor:
         """Input position read by kernel element ``k`` at output ``o``.
@@ -143,6 +147,18 @@ class IndexPattern:
             zero-padded position.
         """
         return _index_map(self)
+
+    def scatter_index(self, device: torch.device | str = "cpu") -> Tensor:
+        """Input position of every flattened ``(k, o)`` pair, for ``index_add_``.
+
+        Args:
+            device: Device of the result (cached per device).
+
+        Returns:
+            Long tensor of shape ``[K * O]``; reads of zero padding point to the
+            extra position ``I``.
+        """
+        return _scatter_index(self, torch.device(device))
 
     def dense(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Materialise the pattern as a dense tensor.
@@ -159,7 +175,9 @@ class IndexPattern:
 
 
 @constant_cache(maxsize=512)
-def _padding_map(pattern: IndexPattern) -> Tensor:
+def _padding_map(pattern: IndexPattern, device: torch.device) -> Tensor:
+    if device.type != "cpu":
+        return _padding_map(pattern, torch.device("cpu")).to(device)
     size, (left, _) = pattern.input_size, pattern.padding
     q = torch.arange(pattern.padded_size) - left
     mode = pattern.padding_mode
@@ -177,7 +195,14 @@ def _padding_map(pattern: IndexPattern) -> Tensor:
 def _index_map(pattern: IndexPattern) -> Tensor:
     k = torch.arange(pattern.kernel_size).unsqueeze(1)
     o = torch.arange(pattern.output_size).unsqueeze(0)
-    return _padding_map(pattern)[o * pattern.stride + k * pattern.dilation]
+    cpu = torch.device("cpu")
+    return _padding_map(pattern, cpu)[o * pattern.stride + k * pattern.dilation]
+
+
+@constant_cache(maxsize=512)
+def _scatter_index(pattern: IndexPattern, device: torch.device) -> Tensor:
+    index = _index_map(pattern).flatten()
+    return torch.where(index >= 0, index, pattern.input_size).to(device)
 
 
 @constant_cache(maxsize=256)
@@ -193,5 +218,5 @@ def _dense(pattern: IndexPattern, device: torch.device, dtype: torch.dtype) -> T
 
 def clear_caches():
     """Drop all cached index maps and dense patterns."""
-    for cached in (_padding_map, _index_map, _dense):
+    for cached in (_padding_map, _index_map, _scatter_index, _dense):
         cached.cache_clear()

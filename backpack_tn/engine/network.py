@@ -136,8 +136,9 @@ class TensorNetwork:
         net.operands = list(self.operands)
         net.legs = list(self.legs)
         net.finalizers = list(self.finalizers)
-        for pos in reversed(range(len(net.operands))):
-            pattern = net.operands[pos]
+        inputs: dict[int, list[int]] = {}  # holder: positions of its patterns
+        outputs = []
+        for pos, pattern in enumerate(net.operands):
             if not isinstance(pattern, IndexPattern):
                 continue
             if not (lower_all or pattern.is_non_overlapping):
@@ -149,14 +150,20 @@ class TensorNetwork:
                 if j != pos and i in legs and isinstance(net.operands[j], Tensor)
             ]
             if len(holders) == 1 and i not in net.output:
-                _lower_input_side(net, pos, holders[0])
+                inputs.setdefault(holders[0], []).append(pos)
             elif (
                 output_side
                 and not holders
                 and i in net.output
                 and not {k, o} & set(net._einsum_output)
             ):
-                _lower_output_side(net, pos)
+                outputs.append(pos)
+        for holder, positions in inputs.items():
+            _lower_input_side(net, positions[::-1], holder)
+        for pos in reversed(outputs):
+            _lower_output_side(net, pos)
+        for pos in sorted([*outputs, *sum(inputs.values(), [])], reverse=True):
+            del net.operands[pos], net.legs[pos]
         return net
 
     def contract(self, optimize: str | None = None) -> Tensor:
@@ -181,36 +188,44 @@ class TensorNetwork:
         return self.output if self.einsum_output is None else self.einsum_output
 
 
-def _lower_input_side(net: TensorNetwork, pos: int, holder: int):
-    """Replace pattern ``pos`` by a strided view of operand ``holder`` (in place).
+def _lower_input_side(net: TensorNetwork, positions: list[int], holder: int):
+    """Turn patterns into a strided view of the operand they read (in place).
+
+    The operand is padded once for all patterns (one copy), then each pattern
+    becomes an ``unfold`` view. The patterns stay in the network for the caller
+    to remove.
 
     Args:
         net: The network to modify.
-        pos: Position of the pattern.
-        holder: Position of the only dense operand carrying the pattern's ``i`` leg.
+        positions: Positions of the patterns, in the order their kernel legs are
+            appended to the operand's legs.
+        holder: Position of the only dense operand carrying the patterns' ``i``
+            legs.
     """
-    pattern: IndexPattern = net.operands[pos]
-    k, o, i = net.legs[pos]
     tensor, legs = net.operands[holder], list(net.legs[holder])
-    dim = legs.index(i)
-    tensor = pad(tensor, dim, pattern)
-    span = pattern.dilation * (pattern.kernel_size - 1) + 1
-    tensor = tensor.unfold(dim, span, pattern.stride).narrow(
-        dim, 0, pattern.output_size
-    )
-    if pattern.dilation > 1:
-        tensor = tensor[..., :: pattern.dilation]
-    legs[dim] = o
-    legs.append(k)
+    patterns = {legs.index(net.legs[pos][2]): net.operands[pos] for pos in positions}
+    tensor = pad(tensor, patterns)
+    for pos in positions:
+        pattern: IndexPattern = net.operands[pos]
+        k, o, i = net.legs[pos]
+        dim = legs.index(i)
+        span = pattern.dilation * (pattern.kernel_size - 1) + 1
+        tensor = tensor.unfold(dim, span, pattern.stride).narrow(
+            dim, 0, pattern.output_size
+        )
+        if pattern.dilation > 1:
+            tensor = tensor[..., :: pattern.dilation]
+        legs[dim] = o
+        legs.append(k)
     net.operands[holder], net.legs[holder] = tensor, tuple(legs)
-    del net.operands[pos], net.legs[pos]
 
 
 def _lower_output_side(net: TensorNetwork, pos: int):
-    """Replace output-side pattern ``pos`` by a scatter-add of the result (in place).
+    """Turn output-side pattern ``pos`` into a scatter-add of the result (in place).
 
     The einsum then produces the legs ``(k, o)`` in place of ``i``; a finalizer
-    adds every ``(k, o)`` entry to the input position it reads.
+    adds every ``(k, o)`` entry to the input position it reads. The pattern stays
+    in the network for the caller to remove.
 
     Args:
         net: The network to modify.
@@ -223,7 +238,6 @@ def _lower_output_side(net: TensorNetwork, pos: int):
     einsum_output[dim : dim + 1] = [k, o]
     net.einsum_output = tuple(einsum_output)
     net.finalizers.insert(0, _scatter_finalizer(pattern, dim))
-    del net.operands[pos], net.legs[pos]
 
 
 def _scatter_finalizer(pattern: IndexPattern, dim: int) -> Callable[[Tensor], Tensor]:
@@ -243,32 +257,31 @@ def _scatter_finalizer(pattern: IndexPattern, dim: int) -> Callable[[Tensor], Te
     return finalize
 
 
-def pad(tensor: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
-    """Pad ``tensor`` along ``dim`` as the pattern does.
+def pad(tensor: Tensor, patterns: dict[int, IndexPattern]) -> Tensor:
+    """Pad ``tensor`` along several dimensions as their patterns do.
+
+    Zero padding of all dimensions is one ``torch.nn.functional.pad`` (one copy of
+    the tensor, one call); other modes gather along their dimension.
 
     Args:
-        tensor: Tensor of shape ``[..., I, ...]``.
-        dim: Dimension to pad.
-        pattern: Index pattern whose padding (amount and mode) is applied.
+        tensor: Tensor of shape ``[..., I, ...]`` along each padded dimension.
+        patterns: The index pattern of each dimension (non-negative) to pad.
 
     Returns:
-        The tensor itself if no padding is needed, else the padded tensor of shape
-        ``[..., P_left + I + P_right, ...]``.
+        The tensor itself if no pattern pads, else the padded tensor, of shape
+        ``[..., P_left + I + P_right, ...]`` along each padded dimension.
     """
-    if pattern.is_unpadded:
-        return tensor
-    if pattern.padding_mode == "zeros":
-        left, right = pattern.padding
-        shape = list(tensor.shape)
-        pieces = []
-        for amount in (left, None, right):
-            if amount is None:
-                pieces.append(tensor)
-            elif amount:
-                shape[dim] = amount
-                pieces.append(tensor.new_zeros(shape))
-        return torch.cat(pieces, dim=dim)
-    return tensor.index_select(dim, pattern.padding_map().to(tensor.device))
+    padded = {d: p for d, p in patterns.items() if not p.is_unpadded}
+    zeros = {d: p for d, p in padded.items() if p.padding_mode == "zeros"}
+    if zeros:
+        amounts = []  # functional.pad counts from the last dimension
+        for d in range(tensor.dim() - 1, min(zeros) - 1, -1):
+            amounts.extend(zeros[d].padding if d in zeros else (0, 0))
+        tensor = torch.nn.functional.pad(tensor, amounts)
+    for d, pattern in padded.items():
+        if d not in zeros:
+            tensor = tensor.index_select(d, pattern.padding_map(tensor.device))
+    return tensor
 
 
 def scatter_add(flat: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
@@ -284,12 +297,10 @@ def scatter_add(flat: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
         position it was read from (reads of zero padding are dropped).
     """
     size = pattern.input_size
-    index = pattern.index_map().flatten()
-    index = torch.where(index >= 0, index, size).to(flat.device)
     shape = list(flat.shape)
     shape[dim] = size + 1
     out = flat.new_zeros(shape)
-    out.index_add_(dim, index, flat)
+    out.index_add_(dim, pattern.scatter_index(flat.device), flat)
     return out.narrow(dim, 0, size)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from backpack_tn.engine import contract
 from backpack_tn.engine.index_pattern import IndexPattern
-from backpack_tn.engine.network import TensorNetwork, flops
+from backpack_tn.engine.network import TensorNetwork, flops, pad
 from test_problems.compare import assert_allclose_report
 
 
@@ -45,6 +45,61 @@ def test_simplification_is_exact(pattern, lower_all, input_side):
     if lower_all or pattern.is_non_overlapping:
         assert not simplified.patterns, "pattern should have been rewired"
     assert_allclose_report(simplified.contract(), net.contract(), name="simplified")
+
+
+PATTERN_PAIRS = [
+    (IndexPattern(7, 3, padding=(1, 1)), IndexPattern(6, 2, stride=2, padding=(1, 0))),
+    (
+        IndexPattern(7, 3, padding=(1, 2)),
+        IndexPattern(6, 3, padding=(2, 2), padding_mode="reflect"),
+    ),
+    (IndexPattern(6, 3, padding=(2, 2), padding_mode="circular"), IndexPattern(5, 2)),
+    (IndexPattern(6, 1), IndexPattern(9, 3, dilation=2, padding=(2, 1))),
+]
+
+
+@pytest.mark.parametrize("lower_all", [False, True], ids=["simplify", "lower"])
+@pytest.mark.parametrize("patterns", PATTERN_PAIRS, ids=str)
+def test_two_patterns_on_one_operand(patterns, lower_all):
+    """Patterns sharing an operand are padded together and stay exact."""
+    torch.manual_seed(0)
+    first, second = patterns
+    x = torch.randn(2, first.input_size, 3, second.input_size, dtype=torch.float64)
+    w = torch.randn(first.kernel_size, second.kernel_size, dtype=torch.float64)
+    legs = [("n", "i", "c", "j"), ("k", "l"), ("k", "o", "i"), ("l", "p", "j")]
+    net = TensorNetwork([x, w, first, second], legs, ("n", "c", "o", "p"))
+    simplified = net.simplify(lower_all=lower_all)
+    lowered = {p for p in (first, second) if lower_all or p.is_non_overlapping}
+    assert len(simplified.patterns) == 2 - len(lowered)
+    assert_allclose_report(simplified.contract(), net.contract(), name="simplified")
+
+
+def _pad_by_map(tensor, dim, pattern):
+    """Reference padding: gather the padding map, zeros where it reads -1.
+
+    Returns:
+        ``tensor`` padded along ``dim``.
+    """
+    source = pattern.padding_map()
+    gathered = tensor.index_select(dim, source.clamp(min=0))
+    shape = [1] * tensor.dim()
+    shape[dim] = -1
+    return gathered * (source >= 0).reshape(shape)
+
+
+def test_pad_several_dimensions():
+    """Padding several dimensions at once equals padding them one at a time."""
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    patterns = {
+        1: IndexPattern(5, 3, padding=(2, 1)),
+        2: IndexPattern(3, 2, padding=(1, 1), padding_mode="replicate"),
+        3: IndexPattern(6, 3, padding=(0, 2)),
+    }
+    expected = x
+    for dim, pattern in patterns.items():
+        expected = _pad_by_map(expected, dim, pattern)
+    assert_allclose_report(pad(x, patterns), expected, name="padded")
+    assert pad(x, {1: IndexPattern(5, 3)}) is x
 
 
 def test_einsum_expression_matches_contract():
