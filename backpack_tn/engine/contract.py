@@ -230,6 +230,8 @@ class _Pairwise(NamedTuple):
         gram: Whether some letters are summed and the operands carry the same
             letters at the same positions, except for free letters: a Gram
             product when both are one tensor.
+        dot: Whether some letters are summed and both operands carry the same
+            letters (none is free): batched dot products.
     """
 
     first: str
@@ -238,6 +240,7 @@ class _Pairwise(NamedTuple):
     batch: str
     contracted: str
     gram: bool
+    dot: bool
 
 
 def _pairwise(equation: str) -> _Pairwise | None:
@@ -273,7 +276,8 @@ def _pairwise(equation: str) -> _Pairwise | None:
             for a, b in zip(first, second, strict=True)
         )
     )
-    return _Pairwise(first, second, output, batch, contracted, gram)
+    dot = bool(contracted) and set(first) == set(second)
+    return _Pairwise(first, second, output, batch, contracted, gram, dot)
 
 
 def _matrices(
@@ -606,7 +610,7 @@ def _run_step(
     if not pair.contracted:
         return _product_step(a, b, pair)
     if a.numel() + b.numel() < SMALL_STEP:
-        return einsum(equation, a, b)
+        return _dot_step(a, b, pair) if pair.dot else einsum(equation, a, b)
     if pair.gram and _same_view(a, b):
         return _gram_step(a, pair)
     return _bmm_step(a, b, pair)
@@ -629,6 +633,28 @@ def _product_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         operands' strides).
     """
     return _aligned(a, step.first, step.output) * _aligned(b, step.second, step.output)
+
+
+def _dot_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
+    """A small step of batched dot products as one product and one sum.
+
+    ``torch.einsum`` runs such a step (e.g. the squared vectors of a GGN diagonal
+    summed over the vectors, ``g[v, n, o] g[v, n, o] -> [n, o]``) as a batched
+    GEMM of ``1 x 1`` results after copying both operands: 22.6 µs against 4.0
+    for the product and the sum on ``[10, 8, 1, 256]`` (CPU, one thread). Large
+    steps keep the GEMM, which needs no temporary of the operands' size.
+
+    Args:
+        a: First operand.
+        b: Second operand, with the same letters.
+        step: The step's leg roles (``step.dot`` holds).
+
+    Returns:
+        The step's result.
+    """
+    letters = step.output + step.contracted
+    product = _aligned(a, step.first, letters) * _aligned(b, step.second, letters)
+    return product.sum(tuple(range(len(step.output), len(letters))))
 
 
 def _aligned(x: Tensor, letters: str, output: str) -> Tensor:

@@ -112,6 +112,32 @@ def test_step_roles(equation, kind):
     assert _step_kind(contract._pairwise(equation)) == kind
 
 
+#: Small steps of batched dot products: (equation, shapes of both operands).
+DOT_STEP_CASES = [
+    ("abcd,abcd->bcd", [(10, 3, 1, 4), (10, 3, 1, 4)]),
+    ("ab,ba->", [(3, 4), (4, 3)]),
+    ("nab,nba->bn", [(2, 3, 4), (2, 4, 3)]),
+    ("abc,cab->b", [(2, 3, 4), (4, 2, 3)]),
+]
+
+
+@pytest.mark.parametrize(
+    "equation, shapes", DOT_STEP_CASES, ids=[c[0] for c in DOT_STEP_CASES]
+)
+def test_dot_step_matches_einsum(equation, shapes, monkeypatch):
+    """Operands with the same letters run as a product and a sum, not a GEMM."""
+    torch.manual_seed(0)
+    a, b = (torch.randn(shape, dtype=torch.float64) for shape in shapes)
+    inputs, output = equation.split("->")
+    legs = [tuple(letters) for letters in inputs.split(",")]
+    assert contract._pairwise(equation).dot
+    monkeypatch.setattr(contract, "einsum", None)  # the step must not reach it
+    actual = contract.contract(legs, tuple(output), [a, b])
+    assert_allclose_report(actual, torch.einsum(equation, a, b), name=equation)
+    assert not contract._pairwise("ab,ac->bc").dot
+    assert not contract._pairwise("ab,ab->ab").dot
+
+
 #: Steps without summed legs: (equation, shapes); the second operand is also
 #: passed transposed in memory.
 PRODUCT_STEP_CASES = [
