@@ -5,7 +5,9 @@ BLAS has ``syrk`` for this, PyTorch does not expose it. Splitting the rows of
 on saves up to half the FLOPs of one full GEMM (``(b + 1) / 2b`` of them for
 ``b`` blocks); the lower triangle is mirrored from the upper one (also inside the
 diagonal blocks), so the result is exactly symmetric. Small matrices, and products
-bound by writing the result, take one full GEMM.
+bound by writing the result, take one full GEMM; so do products on a GPU below
+:data:`GPU_MIN_BLOCK_MACS`, where the blocks' extra kernel launches cost more than
+the saved FLOPs.
 """
 
 from __future__ import annotations
@@ -23,17 +25,25 @@ MAX_BLOCKS = 4
 MIN_COLUMNS = 128
 
 
-def num_blocks(rows: int, columns: int) -> int:
+#: On a GPU, products with fewer multiply-adds (all batches) take one GEMM.
+GPU_MIN_BLOCK_MACS = 1 << 34
+
+
+def num_blocks(rows: int, columns: int, batch: int = 1, on_gpu: bool = False) -> int:
     """Number of block rows for a Gram matrix of ``A`` with shape ``[rows, columns]``.
 
     Args:
         rows: Number of rows ``I`` of ``A``.
         columns: Number of columns ``M`` of ``A``.
+        batch: Number of matrices ``A``.
+        on_gpu: Whether ``A`` is on a GPU.
 
     Returns:
         Between 1 and ``MAX_BLOCKS``.
     """
     if columns < MIN_COLUMNS:
+        return 1
+    if on_gpu and batch * rows * rows * columns < GPU_MIN_BLOCK_MACS:
         return 1
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
@@ -49,7 +59,7 @@ def gram(mat: Tensor) -> Tensor:
         in blocks (one full product otherwise, as symmetric as BLAS makes it).
     """
     rows = mat.shape[1]
-    blocks = num_blocks(rows, mat.shape[2])
+    blocks = num_blocks(rows, mat.shape[2], mat.shape[0], mat.device.type != "cpu")
     if blocks == 1:
         return gemm_nt(mat, mat)
     if mat.stride(2) != 1 and uses_onednn(mat, mat, 2 * rows * rows * mat.shape[2]):

@@ -7,6 +7,7 @@ import torch
 
 from backpack_tn.engine import gemm
 from backpack_tn.engine.gram import (
+    GPU_MIN_BLOCK_MACS,
     MAX_BLOCKS,
     MIN_BLOCK_ROWS,
     MIN_COLUMNS,
@@ -72,3 +73,11 @@ def test_gram_matches_full_product(shape, transposed, backend):
 def test_num_blocks(rows, columns, expected):
     """Small or short matrices get one block, large ones at most ``MAX_BLOCKS``."""
     assert num_blocks(rows, columns) == expected
+
+
+def test_num_blocks_on_gpu():
+    """On a GPU only products of at least ``GPU_MIN_BLOCK_MACS`` are split."""
+    rows, columns = 4 * MIN_BLOCK_ROWS, MIN_COLUMNS
+    assert num_blocks(rows, columns, on_gpu=True) == 1
+    batch = -(-GPU_MIN_BLOCK_MACS // (rows * rows * columns))
+    assert num_blocks(rows, columns, batch, on_gpu=True) == MAX_BLOCKS
