@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from backpack_tn import set_autotune
-from backpack_tn.derivatives import Conv2DDerivativesTN, Conv3DDerivativesTN
+from backpack_tn.derivatives import (
+    Conv2DDerivativesTN,
+    Conv3DDerivativesTN,
+    LinearDerivativesTN,
+    choice,
+)
 from backpack_tn.derivatives.implementations import is_grouped_strided
 from test_problems import references
 from test_problems.compare import assert_allclose_report
@@ -249,3 +254,48 @@ def test_unknown_strategy_and_unavailable_stock_route():
 def test_grouped_strided_input_vjp_route(module, expected):
     """Strided convolutions with multi-channel groups take autograd's input VJP."""
     assert is_grouped_strided(module) == expected
+
+
+#: (layer, input shape, op, expected choice on GPU, part of the reason)
+GPU_RULE_CASES = [
+    (lambda: nn.Linear(512, 256), (8, 512), "weight_batch_l2", "tn+square", "entries"),
+    (lambda: nn.Linear(2048, 2048), (8, 2048), "weight_batch_l2", "tn_lowered", ""),
+    (lambda: nn.Linear(256, 10), (2, 256), "weight_diag_ggn", "tn+square", "entries"),
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1),
+        (8, 64, 16, 16),
+        "weight_batch_l2",
+        "tn_lowered+square",
+        "strided view",
+    ),
+    (
+        lambda: nn.Conv2d(4, 6, 3),
+        (2, 4, 8, 8),
+        "weight_jac_t_mat_prod",
+        "tn_lowered",
+        "",
+    ),
+    (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "kfac_reduce", "tn_lowered", ""),
+]
+
+
+@pytest.mark.parametrize("module_fn, shape, op, expected, fragment", GPU_RULE_CASES)
+def test_auto_rules_on_gpu(module_fn, shape, op, expected, fragment, monkeypatch):
+    """On GPU, launches decide: lowered networks, squared small Linear gradients."""
+    monkeypatch.setattr(choice, "_on_gpu", lambda tensors: True)
+    monkeypatch.setattr(choice, "_CHOSEN", {})
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    tensors = _tensors(module, x, op)
+    if op == "weight_batch_l2":
+        del tensors["sum_batch"]
+    if op == "weight_diag_ggn":
+        tensors["mat"] = torch.randn(10, *module.output.shape)
+    derivatives = (
+        LinearDerivativesTN()
+        if isinstance(module, nn.Linear)
+        else Conv2DDerivativesTN()
+    )
+    key, reason = derivatives.explain(op, module, **tensors)
+    assert key == expected, reason
+    assert "GPU" in reason and fragment in reason
