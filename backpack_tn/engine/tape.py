@@ -447,6 +447,21 @@ def _compile(recorder: _Recorder, output: str) -> Callable[..., Tensor]:
     return replay
 
 
+_RECORDING = {"depth": 0}
+
+
+def recording() -> bool:
+    """Whether an evaluation is being recorded now.
+
+    Code that only issues torch calls costs nothing but those calls in a replay,
+    so an evaluation may prefer such code while it is recorded.
+
+    Returns:
+        ``True`` inside :func:`capture`.
+    """
+    return _RECORDING["depth"] > 0
+
+
 def capture(
     evaluation: Callable[[], Tensor], inputs: Sequence[Tensor]
 ) -> tuple[Tensor, Callable[..., Tensor] | None, str | None]:
@@ -465,8 +480,12 @@ def capture(
     if problem is not None:
         return evaluation(), None, problem
     recorder = _Recorder(inputs)
-    with recorder:
-        result = evaluation()
+    _RECORDING["depth"] += 1
+    try:
+        with recorder:
+            result = evaluation()
+    finally:
+        _RECORDING["depth"] -= 1
     if recorder.refusal is None and not isinstance(result, Tensor):
         recorder.refusal = f"the result is a {type(result).__name__}"
     if recorder.refusal is None:

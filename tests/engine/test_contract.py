@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from backpack_tn.engine import contract
+from backpack_tn.engine import contract, tape
 from test_problems.compare import assert_allclose_report
 
 
@@ -131,7 +131,9 @@ def test_dot_step_matches_einsum(equation, shapes, monkeypatch):
     inputs, output = equation.split("->")
     legs = [tuple(letters) for letters in inputs.split(",")]
     assert contract._pairwise(equation).dot
-    monkeypatch.setattr(contract, "einsum", None)  # the step must not reach it
+    monkeypatch.setattr(contract, "SMALL_STEP", 1 << 16)
+    for other in ("einsum", "_bmm_step", "_gram_step"):  # the step must not reach them
+        monkeypatch.setattr(contract, other, None)
     actual = contract.contract(legs, tuple(output), [a, b])
     assert_allclose_report(actual, torch.einsum(equation, a, b), name=equation)
     assert not contract._pairwise("ab,ac->bc").dot
@@ -311,3 +313,26 @@ def test_copied_matrices_order(build, batch, free, contracted, inner):
     assert_allclose_report(mat, expected)
     contracted_inner = mat.stride(2) == 1
     assert contracted_inner == (inner == "contracted")
+
+
+def test_small_steps_take_einsum_outside_records_only(monkeypatch):
+    """Eager small steps use ``torch.einsum``; records keep plain GEMM calls."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 5, 2).double()
+    legs, output = [("n", "i", "j"), ("n", "j", "k")], ("n", "k", "i")
+    monkeypatch.setattr(contract, "SMALL_STEP", 1 << 16)
+    calls = []
+    real = contract.einsum
+    monkeypatch.setattr(
+        contract, "einsum", lambda *args: calls.append(args[0]) or real(*args)
+    )
+    expected = torch.einsum("nij,njk->nki", a, b)
+    assert_allclose_report(contract.contract(legs, output, [a, b]), expected)
+    assert calls, "an eager small step should run through torch.einsum"
+    calls.clear()
+    _, replay, refusal = tape.capture(
+        lambda: contract.contract(legs, output, [a, b]), [a, b]
+    )
+    assert refusal is None and not calls
+    c, d = torch.randn_like(a), torch.randn_like(b)
+    assert_allclose_report(replay(c, d), torch.einsum("nij,njk->nki", c, d))
