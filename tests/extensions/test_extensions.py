@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from pytest import FixtureRequest, mark, skip
 
+from backpack_tn.derivatives import plans
+from backpack_tn.engine import contract
 from test_problems.compare import assert_allclose_report
 from test_problems.networks import KRONECKER
 from tests.extensions.utils import (
@@ -52,6 +54,55 @@ def test_extension_matches_reference(
     prepare_tn_test(request, network_case, setting["name"])
     ref = network_reference(network_case)
     actual = run_extension(network_case, make_extension(setting, "tn"))
+    expected = reference_values(ref, setting)
+    assert_attributes_match(
+        actual, expected, setting, ref.params, network_case["tols"] or {}
+    )
+
+
+#: Settings whose products run contraction steps on small operands.
+SMALL_STEP_SETTINGS = [
+    (setting, setting_id)
+    for setting, setting_id in zip(EXTENSION_SETTINGS, EXTENSION_IDS, strict=True)
+    if setting_id in ("BatchL2Grad", "DiagGGNExact", "KFLR-kfac_approx=expand")
+]
+
+
+@mark.parametrize("replay", [True, False], ids=["record", "eager"])
+@mark.parametrize(
+    "setting",
+    [setting for setting, _ in SMALL_STEP_SETTINGS],
+    ids=[setting_id for _, setting_id in SMALL_STEP_SETTINGS],
+)
+def test_small_steps_match_reference(
+    request: FixtureRequest,
+    network_case: dict[str, Any],
+    setting: dict[str, Any],
+    replay: bool,
+    monkeypatch,
+):
+    """Small contraction steps take their own routes and give the reference too.
+
+    The other tests run every step through the GEMM executor (see ``conftest``).
+    Here, as in use, small steps of batched dot products are a product and a sum,
+    and other small steps run through ``torch.einsum`` when evaluated eagerly and
+    as plain GEMM calls when recorded.
+
+    Args:
+        request: Pytest request.
+        network_case: Expanded network case.
+        setting: Extension setting.
+        replay: Whether evaluations are recorded (else eager).
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    monkeypatch.setattr(contract, "SMALL_STEP", 1 << 16)
+    prepare_tn_test(request, network_case, setting["name"])
+    ref = network_reference(network_case)
+    plans.set_replay(replay)
+    try:
+        actual = run_extension(network_case, make_extension(setting, "tn"))
+    finally:
+        plans.set_replay(True)
     expected = reference_values(ref, setting)
     assert_attributes_match(
         actual, expected, setting, ref.params, network_case["tols"] or {}
