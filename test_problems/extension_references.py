@@ -298,6 +298,9 @@ class NetworkReference:
         loss_func: ``CrossEntropyLoss`` or ``MSELoss`` with reduction sum or mean.
         x: Input of shape ``[N, *in]``.
         y: Target of shape ``[N]`` or ``[N, C]``.
+
+    Attributes:
+        output: Model output of shape ``[N, C]``, computed on construction.
     """
 
     def __init__(self, model: Sequential, loss_func: Module, x: Tensor, y: Tensor):
@@ -318,13 +321,11 @@ class NetworkReference:
             for index, child in enumerate(model)
             for param, _ in child.named_parameters()
         }
-
-    # ------------------------------------------------------------------ basics
-    @cached_property
-    def output(self) -> Tensor:
-        """Model output of shape ``[N, C]``."""
+        # computed here, outside any transform: a first access inside one (such
+        # as ``sample_loss`` under ``hessian``) would keep a tensor of that
+        # transform's level, which later transforms reject
         with torch.no_grad():
-            return functional_call(self.model, self.params, (self.x,))
+            self.output = functional_call(self.model, self.params, (self.x,))
 
     def sample_loss(self, params: dict[str, Tensor], n: int) -> Tensor:
         """Loss with only sample ``n`` evaluated with ``params``.

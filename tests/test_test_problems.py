@@ -9,6 +9,8 @@ from torch import nn
 from test_problems import references
 from test_problems.cases import check_case, describe, expand_cases, make_id
 from test_problems.compare import assert_allclose_report
+from test_problems.extension_references import NetworkReference
+from test_problems.networks import NETWORK_CASES, build_network
 from test_problems.registry import tn_derivatives_class
 
 CASE = {
@@ -113,3 +115,20 @@ def test_assert_allclose_report_passes():
     assert_allclose_report(X, X.clone())
     assert_allclose_report((X, X), [X.clone(), X.clone()])
     assert_allclose_report(X * (1 + 1e-12), X)
+
+
+def test_network_reference_hessians_as_first_quantity():
+    """Hessian blocks need no quantity computed before them.
+
+    The model output that the per-sample losses read is computed on construction;
+    computed lazily inside ``hessian``, it kept that transform's level and made it
+    fail (depending on which test asked for which quantity first).
+    """
+    case = next(c for c in NETWORK_CASES if c["device"] == "cpu")
+    net = build_network(case)
+    ref = NetworkReference(net.model, net.loss_func, net.x, net.y)
+    blocks = ref.hessian_blocks
+    assert set(blocks) == set(ref.params)
+    for name, block in blocks.items():
+        size = ref.params[name].numel()
+        assert block.shape == (size, size)
