@@ -147,14 +147,18 @@ PRODUCT_STEP_CASES = [
     ("ab,ba->ab", [(3, 4), (4, 3)]),
     ("nab,nb->bna", [(2, 3, 4), (2, 4)]),
     ("ab,cd->dacb", [(2, 3), (4, 5)]),
+    ("nid,nod->noi", [(2, 3, 1), (2, 4, 1)]),  # the summed leg has size 1
+    ("abcd,eabfd->eabfc", [(2, 1, 6, 1), (1, 2, 1, 5, 1)]),
 ]
 
 
 @pytest.mark.parametrize(
     "equation, shapes", PRODUCT_STEP_CASES, ids=[c[0] for c in PRODUCT_STEP_CASES]
 )
-def test_product_step_matches_einsum(equation, shapes):
-    """Steps without summed legs match ``torch.einsum``."""
+def test_product_step_matches_einsum(equation, shapes, monkeypatch):
+    """Steps that sum nothing are products and match ``torch.einsum``."""
+    for other in ("einsum", "_bmm_step", "_gram_step", "_dot_step"):
+        monkeypatch.setattr(contract, other, None)  # the step must not reach them
     torch.manual_seed(0)
     a, b = (torch.randn(shape, dtype=torch.float64) for shape in shapes)
     inputs, output = equation.split("->")
