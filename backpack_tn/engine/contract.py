@@ -643,11 +643,8 @@ def _product_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         The step's result (in the memory order that ``torch.mul`` picks from the
         operands' strides).
     """
-    letters = step.output + step.contracted
-    product = _aligned(a, step.first, letters) * _aligned(b, step.second, letters)
-    if not step.contracted:
-        return product
-    return product.squeeze(tuple(range(len(step.output), len(letters))))
+    product = _full_product(a, b, step)
+    return product.squeeze(_summed_dims(step)) if step.contracted else product
 
 
 def _sums_nothing(a: Tensor, step: _Pairwise) -> bool:
@@ -676,9 +673,27 @@ def _dot_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     Returns:
         The step's result.
     """
+    return _full_product(a, b, step).sum(_summed_dims(step))
+
+
+def _full_product(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
+    """The broadcast product of a step's operands, before anything is summed.
+
+    Returns:
+        A tensor with the output's legs, then the summed legs (see
+        :func:`_summed_dims`).
+    """
     letters = step.output + step.contracted
-    product = _aligned(a, step.first, letters) * _aligned(b, step.second, letters)
-    return product.sum(tuple(range(len(step.output), len(letters))))
+    return _aligned(a, step.first, letters) * _aligned(b, step.second, letters)
+
+
+def _summed_dims(step: _Pairwise) -> tuple[int, ...]:
+    """Positions of the summed legs in :func:`_full_product`'s result.
+
+    Returns:
+        The trailing dimensions, one per summed leg.
+    """
+    return tuple(range(len(step.output), len(step.output) + len(step.contracted)))
 
 
 def _aligned(x: Tensor, letters: str, output: str) -> Tensor:
