@@ -43,8 +43,8 @@ On GPU, where these layers' products take well under a millisecond and kernel
 launches dominate, overlapping patterns are always lowered to strided views
 (one copy, one batched GEMM): in weight VJPs, KFAC-reduce, and the single networks
 of GGN diagonals and norms, which compete with squared VJPs by FLOPs as on CPU.
-Norms of small Linear layers square their per-sample gradients (three launches),
-and Gram matrices take one GEMM below
+Norms and GGN diagonals of small Linear layers square their per-sample VJPs (three
+launches), and Gram matrices take one GEMM below
 :data:`~backpack_tn.engine.gram.GPU_MIN_BLOCK_MACS`.
 
 With :func:`set_autotune`, ``auto`` instead times every candidate once per
