@@ -57,7 +57,7 @@ def check_mat_shape(
     mat: Tensor,
     feature_shape: tuple[int, ...],
     batch_size: int | None,
-):
+) -> bool:
     """Raise if ``mat`` is not ``[V, N, *feature_shape]`` (or ``[N, *feature_shape]``).
 
     Args:
@@ -67,16 +67,24 @@ def check_mat_shape(
         feature_shape: Expected trailing shape.
         batch_size: Expected ``N``; ``None`` if ``mat`` has no batch dimension.
 
+    Returns:
+        Whether ``mat`` is one vector (has no leading ``V`` dimension).
+
     Raises:
         ValueError: If the shape does not match.
     """
-    leading = () if batch_size is None else (batch_size,)
-    trailing = tuple(mat.shape[-len(feature_shape) :]) if feature_shape else ()
-    vectors = mat.dim() - len(feature_shape) - len(leading)
-    batch_ok = batch_size is None or mat.shape[vectors] == batch_size
-    if vectors not in (0, 1) or trailing != tuple(feature_shape) or not batch_ok:
+    shape, features = mat.shape, len(feature_shape)
+    vectors = len(shape) - features - (batch_size is not None)
+    valid = (
+        vectors in (0, 1)
+        and tuple(shape[len(shape) - features :]) == tuple(feature_shape)
+        and (batch_size is None or shape[vectors] == batch_size)
+    )
+    if not valid:
+        leading = () if batch_size is None else (batch_size,)
         expected = ", ".join(str(d) for d in (*leading, *feature_shape))
         raise ValueError(
             f"{type(module).__name__}.{product}: mat has shape {list(mat.shape)},"
             f" expected [V, {expected}] (or [{expected}] for one vector)."
         )
+    return vectors == 0

@@ -50,6 +50,14 @@ def test_wrong_shapes(conv, call, match):
         call(Conv2DDerivativesTN(), conv)
 
 
+def test_unknown_parameter(conv):
+    """``param_mjp`` names the unknown parameter and the supported ones."""
+    with pytest.raises(ValueError, match=r"unknown parameter 'scale'.*'weight'"):
+        Conv2DDerivativesTN().param_mjp(
+            "scale", conv, None, None, torch.randn(1, 2, 4, 4, 4)
+        )
+
+
 def test_wrong_dtype_and_device(conv):
     """Dtype and device must match the weight's."""
     derivatives = Conv2DDerivativesTN()

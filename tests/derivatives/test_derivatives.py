@@ -319,6 +319,66 @@ def test_ea_jac_t_mat_jac_prod(layer_problem: Problem, strategy: str):
     )
 
 
+#: Public products that take one vector without the leading ``V`` dimension:
+#: name -> (the parameter it needs, shape of one vector, the call).
+ONE_VECTOR_PRODUCTS = {
+    "jac_mat_prod": (
+        None,
+        lambda module: module.input0.shape,
+        lambda d, module, mat: d.jac_mat_prod(module, None, None, mat),
+    ),
+    "jac_t_mat_prod": (
+        None,
+        lambda module: module.output.shape,
+        lambda d, module, mat: d.jac_t_mat_prod(module, None, None, mat),
+    ),
+    "param_mjp-weight": (
+        "weight",
+        lambda module: module.output.shape,
+        lambda d, module, mat: d.param_mjp(
+            "weight", module, None, None, mat, sum_batch=False
+        ),
+    ),
+    "param_mjp-bias": (
+        "bias",
+        lambda module: module.output.shape,
+        lambda d, module, mat: d.param_mjp("bias", module, None, None, mat),
+    ),
+    "weight_jac_mat_prod": (
+        "weight",
+        lambda module: module.weight.shape,
+        lambda d, module, mat: d.weight_jac_mat_prod(module, None, None, mat),
+    ),
+    "bias_jac_mat_prod": (
+        "bias",
+        lambda module: module.bias.shape,
+        lambda d, module, mat: d.bias_jac_mat_prod(module, None, None, mat),
+    ),
+}
+
+
+@mark.parametrize("product", ONE_VECTOR_PRODUCTS)
+def test_one_vector(layer_problem: Problem, product: str):
+    """One vector without ``V`` gives the ``V = 1`` result without ``V``.
+
+    The ``V = 1`` results are compared with the references above.
+
+    Args:
+        layer_problem: Layer problem.
+        product: Key of ``ONE_VECTOR_PRODUCTS``.
+    """
+    param, shape, call = ONE_VECTOR_PRODUCTS[product]
+    if param is not None:
+        _skip_if_no_param(layer_problem, param)
+    module = layer_problem.module
+    vector = _randn(*shape(module), like=module.weight)
+    derivatives = _tn_derivatives(layer_problem, "auto")
+
+    result = call(derivatives, module, vector)
+    expected = call(derivatives, module, vector.unsqueeze(0)).squeeze(0)
+    assert_allclose_report(result, expected, name=product, **layer_problem.tols)
+
+
 #: Budgets for the blocks of squared per-sample VJPs, as a function of one VJP's
 #: size: one vector of one sample per block, or all vectors of two samples.
 VJP_BLOCKS = {"one-vector": lambda one: 1, "two-samples": lambda one: 3 * 2 * one}
