@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from backpack_tn.derivatives import implementations
 from backpack_tn.engine import contract, gemm
-from backpack_tn.engine.tape import capture, replayable
+from backpack_tn.engine.tape import PLAIN_TYPES, capture, input_problem
 
 #: Bound on the number of stored plans; the store is emptied when it is full.
 MAX_PLANS = 4096
@@ -66,16 +67,18 @@ def _settings() -> tuple:
 
 
 def _layouts(inputs: Sequence[Tensor]) -> tuple | None:
-    """The layouts of an evaluation's inputs, if a record can take them.
+    """The layouts of an evaluation's inputs, if a replay can take them.
 
     Returns:
         Shape, strides, storage offset, dtype and device per input; ``None``
-        where :func:`~backpack_tn.engine.tape.input_problem` finds a problem
-        (checked here in the same pass, as this runs on every call).
+        for a wrapped tensor or a tensor subclass (see
+        :func:`~backpack_tn.engine.tape.replayable`, inlined here as this runs
+        on every call). The same tensor passed twice is checked only before a
+        record: a record of distinct inputs replays them correctly.
     """
     layouts = []
     for tensor in inputs:
-        if not replayable(tensor):
+        if type(tensor) not in _PLAIN or _wrapped(tensor):
             return None
         layouts.append(
             (
@@ -86,8 +89,6 @@ def _layouts(inputs: Sequence[Tensor]) -> tuple | None:
                 tensor.device,
             )
         )
-    if len({id(tensor) for tensor in inputs}) != len(inputs):
-        return None
     return tuple(layouts)
 
 
@@ -117,6 +118,8 @@ def run(
         return prepare()()
     if plan is not _MISSING:
         return plan(*inputs)
+    if input_problem(inputs) is not None:
+        return prepare()()
     result, plan, refusal = capture(prepare(), inputs)
     if len(_PLANS) >= MAX_PLANS:
         clear_plans()
@@ -136,3 +139,5 @@ def refusals() -> dict[tuple, str]:
 
 
 _MISSING = object()
+_PLAIN = PLAIN_TYPES
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor

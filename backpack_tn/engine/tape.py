@@ -175,6 +175,10 @@ def constant_cache(maxsize: int) -> Callable[[Callable], Callable]:
     return decorate
 
 
+#: Tensor types a record may take (subclasses may override torch functions).
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def replayable(tensor: Tensor) -> bool:
     """Whether a tensor may enter a record or a replay.
 
@@ -182,7 +186,7 @@ def replayable(tensor: Tensor) -> bool:
         ``True`` for plain tensors and parameters outside ``torch.func``
         transforms.
     """
-    return type(tensor) in (Tensor, torch.nn.Parameter) and not (
+    return type(tensor) in PLAIN_TYPES and not (
         torch._C._functorch.is_functorch_wrapped_tensor(tensor)
     )
 

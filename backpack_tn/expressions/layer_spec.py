@@ -18,9 +18,10 @@ index patterns their input and output sit on, and in their memory layouts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass
 from math import prod
+from operator import attrgetter
 
 from torch import Tensor
 from torch.nn import (
@@ -61,6 +62,28 @@ class LayerSpec:
     groups: int = 1
     patterns: tuple[IndexPattern, ...] = ()
     shared: tuple[int, ...] = ()
+
+    def __hash__(self) -> int:
+        """Hash the fields once: specs are part of the key of every product call.
+
+        Returns:
+            The hash of the fields.
+        """
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(astuple(self, tuple_factory=tuple))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        """Pickle the fields without the cached hash (string hashes vary per process).
+
+        Returns:
+            The instance dictionary without the hash.
+        """
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
 
     @property
     def num_spatial(self) -> int:
@@ -437,8 +460,26 @@ HYPERPARAMETERS = (
 #: Bound on the number of cached layer descriptions.
 MAX_CACHED_SPECS = 1024
 _SPECS: dict[tuple, LayerSpec] = {}
-#: The hyper-parameters each layer type has, in the order of ``HYPERPARAMETERS``.
-_KEY_NAMES: dict[type, tuple[str, ...]] = {}
+#: Per layer type, a getter of the ``HYPERPARAMETERS`` it has.
+_KEY_GETTERS: dict[type, Callable[[Module], object]] = {}
+
+
+def _no_hyperparameters(module: Module) -> tuple:
+    """Key part of a layer type without any of the ``HYPERPARAMETERS``.
+
+    Returns:
+        An empty tuple.
+    """
+    return ()
+
+
+def _as_tuple(shape: Sequence[int]) -> tuple[int, ...]:
+    """A hashable shape (``torch.Size`` is a tuple already).
+
+    Returns:
+        ``shape`` as a tuple.
+    """
+    return shape if isinstance(shape, tuple) else tuple(shape)
 
 
 def spec_of(
@@ -459,15 +500,16 @@ def spec_of(
     """
     if input_shape is None:
         input_shape, output_shape = module.input0.shape, module.output.shape
-    names = _KEY_NAMES.get(type(module))
-    if names is None:  # missing attributes cost an AttributeError on every lookup
-        names = tuple(name for name in HYPERPARAMETERS if hasattr(module, name))
-        _KEY_NAMES[type(module)] = names
+    hyperparameters = _KEY_GETTERS.get(type(module))
+    if hyperparameters is None:  # missing attributes cost an AttributeError each
+        names = [name for name in HYPERPARAMETERS if hasattr(module, name)]
+        hyperparameters = attrgetter(*names) if names else _no_hyperparameters
+        _KEY_GETTERS[type(module)] = hyperparameters
     key = (
         type(module),
-        tuple(getattr(module, name, None) for name in names),
-        tuple(input_shape),
-        None if output_shape is None else tuple(output_shape),
+        hyperparameters(module),
+        _as_tuple(input_shape),
+        None if output_shape is None else _as_tuple(output_shape),
     )
     spec = _SPECS.get(key)
     if spec is None:

@@ -204,3 +204,17 @@ def test_wrapped_inputs_bypass_the_store():
 
     assert_allclose_report(vmap(double)(x), 2 * x)
     assert not plans._PLANS
+
+
+def test_the_same_tensor_twice():
+    """One tensor as two inputs is not recorded, but replays a record of two."""
+
+    def product(a: Tensor, b: Tensor) -> Tensor:
+        return plans.run(("product",), lambda: lambda: a * b.flip(0), [a, b])
+
+    x, y = torch.randn(3), torch.randn(3)
+    assert_allclose_report(product(x, x), x * x.flip(0))
+    assert not plans._PLANS
+    assert_allclose_report(product(x, y), x * y.flip(0))
+    assert len(plans._PLANS) == 1
+    assert_allclose_report(product(y, y), y * y.flip(0))
