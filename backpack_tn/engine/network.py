@@ -3,8 +3,9 @@
 A :class:`TensorNetwork` holds dense operands (tensors) and symbolic index patterns
 (:class:`~backpack_tn.engine.index_pattern.IndexPattern`), each with named legs, and
 the names of the output legs. It is simplified by rewiring patterns into strided
-views of the operand they act on (input side) or into a scatter-add of the result
-(output side), and evaluated with opt_einsum along a cached contraction path.
+views of the operand they act on (input side) or into a write of the result through
+a strided view, or a reshape (output side; a scatter-add for non-zero padding
+modes), and evaluated with opt_einsum along a cached contraction path.
 
 Simplification is exact: the simplified network computes the same tensor.
 """
@@ -118,11 +119,12 @@ class TensorNetwork:
 
         Patterns that never duplicate an entry (dense ``K = S``, down-sampling
         ``S > K``, ``1x1``) are always rewired: on the input side into a zero-copy
-        strided view of the operand, on the output side into a scatter-add of the
-        result. Padding becomes an explicit pad (or, for non-zero modes, a gather)
-        of the operand. With ``lower_all``, every other pattern is lowered too,
-        which trades the dense pattern's ``K·O·I`` multiply for an ``im2col``-like
-        copy of size ``K·O``.
+        strided view of the operand, on the output side into a reshape (patterns
+        that tile the input exactly) or a write through a strided view of the
+        result (a scatter-add for non-zero padding modes). Padding becomes an
+        explicit pad (or, for non-zero modes, a gather) of the operand. With
+        ``lower_all``, every other pattern is lowered too, which trades the dense
+        pattern's ``K·O·I`` multiply for an ``im2col``-like copy of size ``K·O``.
 
         Args:
             lower_all: Also lower overlapping patterns.
@@ -160,8 +162,12 @@ class TensorNetwork:
                 outputs.append(pos)
         for holder, positions in inputs.items():
             _lower_input_side(net, positions[::-1], holder)
+        written = [pos for pos in outputs if _writable(net.operands[pos])]
         for pos in reversed(outputs):
-            _lower_output_side(net, pos)
+            if pos not in written:
+                _lower_output_side(net, pos)
+        if written:
+            _write_output_side(net, written)
         for pos in sorted([*outputs, *sum(inputs.values(), [])], reverse=True):
             del net.operands[pos], net.legs[pos]
         return net
@@ -238,6 +244,124 @@ def _lower_output_side(net: TensorNetwork, pos: int):
     einsum_output[dim : dim + 1] = [k, o]
     net.einsum_output = tuple(einsum_output)
     net.finalizers.insert(0, _scatter_finalizer(pattern, dim))
+
+
+def _writable(pattern: IndexPattern) -> bool:
+    """Whether an output-side pattern can be a write through a strided view.
+
+    Returns:
+        ``True`` for unpadded or zero-padded non-overlapping patterns (every input
+        position receives at most one entry; with other padding modes, reads of
+        padded positions fall onto real ones).
+    """
+    return pattern.is_non_overlapping and (
+        pattern.is_unpadded or pattern.padding_mode == "zeros"
+    )
+
+
+def _tiles(pattern: IndexPattern) -> bool:
+    """Whether ``(o, k) -> o * S + k`` is a bijection onto the input positions.
+
+    Returns:
+        ``True`` for unpadded patterns with ``K = S`` (or ``1x1``, stride 1) that
+        cover the input exactly.
+    """
+    return (
+        pattern.is_unpadded
+        and pattern.stride == pattern.kernel_size
+        and (pattern.dilation == 1 or pattern.kernel_size == 1)
+        and pattern.output_size * pattern.stride == pattern.input_size
+    )
+
+
+def _write_output_side(net: TensorNetwork, positions: list[int]):
+    """Turn non-overlapping output-side patterns into a strided write (in place).
+
+    The einsum produces ``o`` in place of each pattern's ``i`` leg. If every
+    pattern tiles its input exactly (``_tiles``), the ``k`` leg follows ``o`` and
+    a reshape merges them (a view where the einsum's result has that order);
+    otherwise the ``k`` legs are appended, and a finalizer copies the result into
+    a strided view of a zero tensor of the padded size (each ``(k, o)`` entry
+    lands on the one input position it reads), then drops the padding. The
+    patterns stay in the network for the caller to remove.
+
+    Args:
+        net: The network to modify.
+        positions: Positions of the patterns, each non-overlapping and
+            ``_writable``.
+    """
+    einsum_output = list(net._einsum_output)
+    patterns = [net.operands[pos] for pos in positions]
+    if all(_tiles(pattern) for pattern in patterns):
+        for pos in positions:
+            k, o, i = net.legs[pos]
+            dim = einsum_output.index(i)
+            einsum_output[dim : dim + 1] = [o, k]
+        net.einsum_output = tuple(einsum_output)
+        pairs = [einsum_output.index(net.legs[pos][1]) for pos in positions]
+        net.finalizers.insert(0, _merge_finalizer(pairs))
+        return
+    dims = {}
+    for pos in positions:
+        k, o, i = net.legs[pos]
+        dim = einsum_output.index(i)
+        einsum_output[dim] = o
+        einsum_output.append(k)
+        dims[dim] = net.operands[pos]
+    net.einsum_output = tuple(einsum_output)
+    net.finalizers.insert(0, _write_finalizer(dims))
+
+
+def _merge_finalizer(pairs: list[int]) -> Callable[[Tensor], Tensor]:
+    """Build the merge of adjacent ``(o, k)`` dimensions into one.
+
+    Args:
+        pairs: Dimension of each pair's ``o``; its ``k`` follows it.
+
+    Returns:
+        A function mapping ``[..., O, K, ...]`` to ``[..., O * K, ...]`` for every
+        pair (a view where the strides allow it).
+    """
+
+    def finalize(result: Tensor) -> Tensor:
+        shape = list(result.shape)
+        for dim in sorted(pairs, reverse=True):
+            shape[dim : dim + 2] = [shape[dim] * shape[dim + 1]]
+        return result.reshape(shape)
+
+    return finalize
+
+
+def _write_finalizer(dims: dict[int, IndexPattern]) -> Callable[[Tensor], Tensor]:
+    """Build the adjoint of reading through non-overlapping, zero-padded patterns.
+
+    Args:
+        dims: The pattern of each dimension that holds an ``o`` leg; the ``k``
+            legs are the result's last dimensions, in this order.
+
+    Returns:
+        A function mapping a tensor ``[..., O, ..., K_1, ...]`` to
+        ``[..., I, ...]``.
+    """
+
+    def finalize(result: Tensor) -> Tensor:
+        shape = list(result.shape[: result.dim() - len(dims)])
+        for dim, pattern in dims.items():
+            shape[dim] = pattern.padded_size
+        out = result.new_zeros(shape)
+        view = out
+        for dim, pattern in dims.items():
+            span = pattern.dilation * (pattern.kernel_size - 1) + 1
+            view = view.unfold(dim, span, pattern.stride)
+            view = view.narrow(dim, 0, pattern.output_size)
+            if pattern.dilation > 1:
+                view = view[..., :: pattern.dilation]
+        view.copy_(result)
+        for dim, pattern in dims.items():
+            out = out.narrow(dim, pattern.padding[0], pattern.input_size)
+        return out
+
+    return finalize
 
 
 def _scatter_finalizer(pattern: IndexPattern, dim: int) -> Callable[[Tensor], Tensor]:

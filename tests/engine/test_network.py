@@ -32,6 +32,9 @@ NETWORK_PATTERNS = [
     IndexPattern(9, 3, dilation=2, padding=(2, 1)),
     IndexPattern(6, 2, stride=2, padding=(1, 1), padding_mode="reflect"),
     IndexPattern(6, 3, padding=(2, 2), padding_mode="circular"),
+    IndexPattern(6, 2, stride=2, padding=(1, 1)),
+    IndexPattern(9, 2, stride=2),
+    IndexPattern(5, 1, padding=(1, 0)),
 ]
 
 
@@ -71,6 +74,38 @@ def test_two_patterns_on_one_operand(patterns, lower_all):
     simplified = net.simplify(lower_all=lower_all)
     lowered = {p for p in (first, second) if lower_all or p.is_non_overlapping}
     assert len(simplified.patterns) == 2 - len(lowered)
+    assert_allclose_report(simplified.contract(), net.contract(), name="simplified")
+
+
+#: Pairs of non-overlapping patterns on the result's legs: both tile the input
+#: exactly (a reshape), only one does, zero padding, and a scatter-added mode.
+OUTPUT_PATTERN_PAIRS = [
+    (IndexPattern(8, 2, stride=2), IndexPattern(7, 1)),
+    (IndexPattern(8, 2, stride=2), IndexPattern(9, 2, stride=3)),
+    (IndexPattern(6, 2, stride=2, padding=(1, 1)), IndexPattern(5, 1, stride=2)),
+    (
+        IndexPattern(6, 2, stride=2, padding=(1, 1), padding_mode="replicate"),
+        IndexPattern(9, 3, stride=3),
+    ),
+]
+
+
+@pytest.mark.parametrize("patterns", OUTPUT_PATTERN_PAIRS, ids=str)
+def test_two_patterns_on_the_result(patterns):
+    """Patterns on the result's legs become one write, a reshape or scatters."""
+    torch.manual_seed(0)
+    first, second = patterns
+    y = torch.randn(2, first.output_size, second.output_size, 3, 4, dtype=torch.float64)
+    w = torch.randn(first.kernel_size, second.kernel_size, 3, dtype=torch.float64)
+    legs = [
+        ("n", "o", "p", "a", "b"),
+        ("k", "l", "a"),
+        ("k", "o", "i"),
+        ("l", "p", "j"),
+    ]
+    net = TensorNetwork([y, w, first, second], legs, ("n", "b", "i", "j"))
+    simplified = net.simplify()
+    assert not simplified.patterns
     assert_allclose_report(simplified.contract(), net.contract(), name="simplified")
 
 
