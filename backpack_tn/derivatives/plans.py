@@ -63,6 +63,7 @@ def _settings() -> tuple:
         implementations.KERNEL_BLOCK_BYTES,
         gemm.gemm_backend(),
         gemm.MIN_FLOPS,
+        gemm.NARROW_COLUMNS,
     )
 
 

@@ -147,3 +147,32 @@ def test_onednn_only_without_copies_below_the_penalty(backend, monkeypatch):
         result = gemm.gemm_nt(a, b)
         assert bool(calls) == uses_onednn
         assert_allclose_report(result, torch.bmm(a, b.transpose(1, 2)), **TOLS[x.dtype])
+
+
+#: (name, builder of (a, b), whether the product runs transposed): narrow products
+#: of a transposed left operand run as ``b @ aᵀ``; of a row-major one, or wide
+#: ones, as they are.
+ORIENTATION_CASES = [
+    ("narrow_transposed", lambda: (torch.randn(2, 7, 40).transpose(1, 2), 3), True),
+    ("narrow_row_major", lambda: (torch.randn(2, 40, 7), 3), False),
+    ("wide_transposed", lambda: (torch.randn(2, 7, 40).transpose(1, 2), 20), False),
+    ("narrow_both", lambda: (torch.randn(2, 7, 2).transpose(1, 2), 3), False),
+]
+
+
+@pytest.mark.parametrize(
+    "build, swapped",
+    [(b, s) for _, b, s in ORIENTATION_CASES],
+    ids=[name for name, _, _ in ORIENTATION_CASES],
+)
+@pytest.mark.parametrize("name", ["bmm", pytest.param("onednn", marks=ONEDNN)])
+def test_narrow_products_run_transposed(build, swapped, name, backend, monkeypatch):
+    """Few result columns and a transposed left operand: ``(b @ aᵀ)ᵀ``, exactly."""
+    torch.manual_seed(0)
+    a, columns = build()
+    b = torch.randn(a.shape[0], columns, a.shape[2])
+    monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
+    gemm.set_gemm_backend(name)
+    result = gemm.gemm_nt(a, b)
+    assert_allclose_report(result, torch.bmm(a, b.transpose(1, 2)), **TOLS[a.dtype])
+    assert (result.stride(1) == 1 != result.stride(2)) == swapped
