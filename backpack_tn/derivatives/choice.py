@@ -5,8 +5,9 @@
 - Products that are plain (transposed) convolutions or matrix multiplications
   (input JVP/VJP, weight JVP) use PyTorch's kernels directly, except input VJPs of
   ungrouped convolutions with non-overlapping patterns and at most
-  ``FEW_OUTPUT_CHANNELS`` input channels (``FEW_OUTPUT_CHANNELS_1X1`` for 1x1
-  kernels), which take the network: one GEMM and a strided write.
+  ``FEW_OUTPUT_CHANNELS`` input channels (1x1 kernels: ``FEW_OUTPUT_CHANNELS_1X1``,
+  strided ones ``STRIDED_1X1_OUTPUT_CHANNELS``), which take the network: one GEMM
+  and a strided write.
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM (on CPU, several vectors of several samples
@@ -190,8 +191,12 @@ DENSE_PATTERN_LIMIT = 2**18
 #: slower) ...
 FEW_OUTPUT_CHANNELS = 4
 #: ... or, for 1x1 kernels, this many (8, 16 and 24 channels on 56x56: 0.52x,
-#: 0.82x and 0.89x of the kernel's time; 32: 1.23x).
+#: 0.82x and 0.89x of the kernel's time; 32: 1.23x) ...
 FEW_OUTPUT_CHANNELS_1X1 = 16
+#: ... or, for strided 1x1 kernels, whose transposed convolution also fills the
+#: skipped positions with zeros, this many (stride 2: 64x56x56 0.70x, 128x28x28
+#: 0.84x, 256x56x56 0.69x, 256x14x14 1.0x; 512x28x28 1.16x).
+STRIDED_1X1_OUTPUT_CHANNELS = 256
 
 #: Per-sample VJPs use the higher-order convolution up to this many input channels.
 FEW_CHANNELS = 8
@@ -245,21 +250,17 @@ def _kernel(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 
 
 def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-    channels = spec.in_channels
-    if (
-        spec.kind == "conv"
-        and spec.groups == 1
-        and _non_overlapping(spec)
-        and not _on_gpu(tensors)
-        and (
-            channels <= FEW_OUTPUT_CHANNELS
-            or (channels <= FEW_OUTPUT_CHANNELS_1X1 and prod(spec.kernel_size) == 1)
-        )
-    ):
+    if spec.kind != "conv" or spec.groups > 1 or not _non_overlapping(spec):
+        return _kernel(spec, tensors)
+    channels, most = spec.in_channels, FEW_OUTPUT_CHANNELS
+    if prod(spec.kernel_size) == 1:
+        strided = any(p.stride > 1 for p in spec.patterns)
+        most = STRIDED_1X1_OUTPUT_CHANNELS if strided else FEW_OUTPUT_CHANNELS_1X1
+    if channels <= most and not _on_gpu(tensors):
         return "tn", (
             f"non-overlapping patterns and {channels} input channels: one GEMM"
-            " and a strided write, where the transposed convolution's kernel"
-            " would vectorise over the few channels it writes"
+            " and a strided write beat the transposed convolution's kernel, which"
+            " vectorises over the channels it writes"
         )
     return _kernel(spec, tensors)
 
