@@ -58,6 +58,23 @@ def test_unknown_parameter(conv):
         )
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d, m: d.bias_jac_mat_prod(m, None, None, torch.randn(1, 4)),
+        lambda d, m: d.param_mjp("bias", m, None, None, torch.randn(1, 2, 4, 4, 4)),
+    ],
+    ids=["bias_jac_mat_prod", "param_mjp"],
+)
+def test_bias_products_without_bias(call):
+    """A layer built with ``bias=False`` says so when asked for a bias product."""
+    module = nn.Conv2d(3, 4, 3, bias=False)
+    module.input0 = torch.randn(2, 3, 6, 6)
+    module.output = module(module.input0).detach()
+    with pytest.raises(ValueError, match=r"Conv2d\..*: the layer has no bias"):
+        call(Conv2DDerivativesTN(), module)
+
+
 def test_wrong_dtype_and_device(conv):
     """Dtype and device must match the weight's."""
     derivatives = Conv2DDerivativesTN()

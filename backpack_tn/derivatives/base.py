@@ -63,6 +63,23 @@ def _matrix(
     return (mat.unsqueeze(0) if one else mat), one
 
 
+def _check_has_bias(module: Module, product: str):
+    """Raise if a bias product is asked of a layer without bias.
+
+    Args:
+        module: The layer.
+        product: Name of the product, for the message.
+
+    Raises:
+        ValueError: If ``module.bias`` is ``None``.
+    """
+    if module.bias is None:
+        raise ValueError(
+            f"{type(module).__name__}.{product}: the layer has no bias"
+            " (built with bias=False); only the weight has products."
+        )
+
+
 def _unmatrix(result: Tensor, one: bool) -> Tensor:
     """Drop the vector dimension that :func:`_matrix` added.
 
@@ -174,6 +191,8 @@ class TNDerivativesMixin:
                 f" Supported: {tuple(_PARAM_MJPS)}."
             )
         check_hooked(module)
+        if param_str == "bias":
+            _check_has_bias(module, "param_mjp")
         shape = module.output.shape
         n = shape[0] if subsampling is None else len(subsampling)
         mat, one = _matrix(module, "param_mjp", mat, shape[1:], n)
@@ -190,6 +209,7 @@ class TNDerivativesMixin:
 
     def bias_jac_mat_prod(self, module, g_inp, g_out, mat):  # noqa: D102
         check_hooked(module)
+        _check_has_bias(module, "bias_jac_mat_prod")
         shape = tuple(module.bias.shape)
         mat, one = _matrix(module, "bias_jac_mat_prod", mat, shape, None)
         return _unmatrix(self._bias_jac_mat_prod(module, g_inp, g_out, mat), one)
