@@ -27,6 +27,7 @@ from backpack_tn.engine.tape import PLAIN_TYPES, capture, input_problem
 MAX_PLANS = 4096
 
 _ENABLED = {"enabled": True}
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _PLANS: dict[tuple, Callable[..., Tensor] | None] = {}
 _REFUSALS: dict[tuple, str] = {}
 
@@ -79,7 +80,7 @@ def _layouts(inputs: Sequence[Tensor]) -> tuple | None:
     """
     layouts = []
     for tensor in inputs:
-        if type(tensor) not in _PLAIN or _wrapped(tensor):
+        if type(tensor) not in PLAIN_TYPES or _is_wrapped(tensor):
             return None
         layouts.append(
             (
@@ -140,5 +141,3 @@ def refusals() -> dict[tuple, str]:
 
 
 _MISSING = object()
-_PLAIN = PLAIN_TYPES
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
