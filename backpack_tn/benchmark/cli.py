@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 
 from backpack_tn.benchmark.models import NETS
@@ -323,6 +324,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except ValueError as error:
         parser.error(str(error))
 
+    # a crash inside a native kernel during a long run prints the Python stack
+    faulthandler.enable()
     limit_bytes = None
     if args.device == "cpu":
         if args.mem_limit is None:
