@@ -215,15 +215,28 @@ def _lower_input_side(net: TensorNetwork, positions: list[int], holder: int):
         pattern: IndexPattern = net.operands[pos]
         k, o, i = net.legs[pos]
         dim = legs.index(i)
-        span = pattern.dilation * (pattern.kernel_size - 1) + 1
-        tensor = tensor.unfold(dim, span, pattern.stride).narrow(
-            dim, 0, pattern.output_size
-        )
-        if pattern.dilation > 1:
-            tensor = tensor[..., :: pattern.dilation]
+        tensor = _windows(tensor, dim, pattern)
         legs[dim] = o
         legs.append(k)
     net.operands[holder], net.legs[holder] = tensor, tuple(legs)
+
+
+def _windows(tensor: Tensor, dim: int, pattern: IndexPattern) -> Tensor:
+    """The positions a pattern reads along ``dim``, as a strided view (no copy).
+
+    Args:
+        tensor: Tensor of shape ``[..., P, ...]`` with the padded size ``P`` of
+            ``pattern`` along ``dim``.
+        dim: The dimension the pattern reads.
+        pattern: The index pattern.
+
+    Returns:
+        View of shape ``[..., O, ..., K]``: ``dim`` becomes the output positions,
+        and a last dimension holds the kernel elements.
+    """
+    span = pattern.dilation * (pattern.kernel_size - 1) + 1
+    view = tensor.unfold(dim, span, pattern.stride).narrow(dim, 0, pattern.output_size)
+    return view[..., :: pattern.dilation] if pattern.dilation > 1 else view
 
 
 def _lower_output_side(net: TensorNetwork, pos: int):
@@ -351,11 +364,7 @@ def _write_finalizer(dims: dict[int, IndexPattern]) -> Callable[[Tensor], Tensor
         out = result.new_zeros(shape)
         view = out
         for dim, pattern in dims.items():
-            span = pattern.dilation * (pattern.kernel_size - 1) + 1
-            view = view.unfold(dim, span, pattern.stride)
-            view = view.narrow(dim, 0, pattern.output_size)
-            if pattern.dilation > 1:
-                view = view[..., :: pattern.dilation]
+            view = _windows(view, dim, pattern)
         view.copy_(result)
         for dim, pattern in dims.items():
             out = out.narrow(dim, pattern.padding[0], pattern.input_size)
