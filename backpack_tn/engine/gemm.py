@@ -257,11 +257,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         The result, of shape ``[*, N]``.
     """
-    rows = x.numel() // max(x.shape[-1], 1)
-    flops = 2 * rows * weight.shape[0] * weight.shape[1]
-    if bias is not None and bias.dtype != x.dtype:
-        flops = 0
-    if uses_onednn(x, weight, flops):
-        result = _linear(x.reshape(rows, x.shape[-1]), weight, bias)
+    flops = 2 * x.numel() * weight.shape[0]  # small products return here first
+    if (
+        flops >= MIN_FLOPS
+        and (bias is None or bias.dtype == x.dtype)
+        and uses_onednn(x, weight, flops)
+    ):
+        result = _linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return result.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
