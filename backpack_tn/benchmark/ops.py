@@ -552,8 +552,33 @@ def _our_derivatives(kind: str, strategy: str):
     return cls(strategy=strategy)
 
 
+#: op -> its ``backpack_tn`` call, ``f(derivatives, module, x, extra)``
+_OUR_CALLS: dict[str, Callable] = {
+    "forward": lambda d, module, x, extra: d.forward(module, x),
+    "input_vjp": lambda d, module, x, extra: d.jac_t_mat_prod(
+        module, None, None, extra["mat"]
+    ),
+    "per_sample_weight_grad": lambda d, module, x, extra: d.param_mjp(
+        "weight", module, None, None, extra["g"].unsqueeze(0), sum_batch=False
+    )[0],
+    "batch_l2": lambda d, module, x, extra: d.weight_batch_l2(module, extra["g"]),
+    "ggn_diag": lambda d, module, x, extra: d.weight_diag_ggn(
+        module, extra["mat"], sum_batch=True
+    ),
+    "kfac_expand": lambda d, module, x, extra: d.kfac_input_factor(
+        module, approx="expand"
+    ),
+    "kfac_reduce": lambda d, module, x, extra: d.kfac_input_factor(
+        module, approx="reduce"
+    ),
+}
+
+
 def _ours(op: str, strategy: str) -> Method:
     """The ``backpack_tn`` method of an op for one strategy.
+
+    The derivatives object is looked up once per layer type, so the method adds
+    no more Python per call than the references' own dispatch.
 
     Args:
         op: Op name.
@@ -562,24 +587,15 @@ def _ours(op: str, strategy: str) -> Method:
     Returns:
         The method.
     """
+    call = _OUR_CALLS[op]
+    by_type: dict[type, object] = {}
 
     def method(module, x, extra):
-        derivatives = _our_derivatives(_kind(module), strategy)
-        if op == "forward":
-            return derivatives.forward(module, x)
-        if op == "input_vjp":
-            return derivatives.jac_t_mat_prod(module, None, None, extra["mat"])
-        if op == "per_sample_weight_grad":
-            mat = extra["g"].unsqueeze(0)
-            return derivatives.param_mjp(
-                "weight", module, None, None, mat, sum_batch=False
-            )[0]
-        if op == "batch_l2":
-            return derivatives.weight_batch_l2(module, extra["g"])
-        if op == "ggn_diag":
-            return derivatives.weight_diag_ggn(module, extra["mat"], sum_batch=True)
-        approx = {"kfac_expand": "expand", "kfac_reduce": "reduce"}[op]
-        return derivatives.kfac_input_factor(module, approx=approx)
+        derivatives = by_type.get(type(module))
+        if derivatives is None:
+            derivatives = _our_derivatives(_kind(module), strategy)
+            by_type[type(module)] = derivatives
+        return call(derivatives, module, x, extra)
 
     method.__name__ = f"{OURS_PREFIX}{strategy}_{op}"
     return method
