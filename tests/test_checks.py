@@ -94,3 +94,19 @@ def test_missing_hooks():
         Conv2DDerivativesTN().jac_t_mat_prod(
             nn.Conv2d(3, 4, 3), None, None, torch.randn(1, 2, 4, 4, 4)
         )
+
+
+@pytest.mark.parametrize("strategy", ["auto", "tn"])
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        (torch.randn(2, 3, 6, 6, dtype=torch.float64), TypeError, "x has dtype"),
+        (torch.randn(2, 3, 6, 6, device="meta"), ValueError, "x is on device meta"),
+        ([[1.0]], TypeError, "x must be a Tensor"),
+    ],
+    ids=["dtype", "device", "not-a-tensor"],
+)
+def test_forward_rejects_mismatched_input(strategy, x, error, match):
+    """``forward`` names the layer and the mismatch, whichever evaluation runs."""
+    with pytest.raises(error, match=f"Conv2d: {match}"):
+        Conv2DDerivativesTN(strategy=strategy).forward(nn.Conv2d(3, 4, 3), x)

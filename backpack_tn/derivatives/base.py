@@ -21,7 +21,7 @@ from torch.nn import Module
 
 from backpack_tn._checks import check_hooked, check_like_weight, check_mat_shape
 from backpack_tn.derivatives import plans
-from backpack_tn.derivatives.choice import check_strategy, choose
+from backpack_tn.derivatives.choice import autotune_enabled, check_strategy, choose
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
 
@@ -477,7 +477,7 @@ class TNDerivativesMixin:
         return factor.contiguous()
 
     def forward(self, module: Module, x: Tensor) -> Tensor:
-        """Evaluate the layer (with bias) through its tensor network.
+        """Evaluate the layer (with bias) by the strategy's evaluation.
 
         Args:
             module: The layer.
@@ -485,5 +485,24 @@ class TNDerivativesMixin:
 
         Returns:
             Output of shape ``[N, *output_shape[1:]]``.
+
+        Raises:
+            RuntimeError: If the layer's kernel rejects ``x`` (a wrong shape, say).
+            TypeError: If ``x`` is not a tensor or has another dtype than the weight.
         """
-        return self._run("forward", module, spec_of(module, x.shape), x=x)
+        if not isinstance(x, Tensor):
+            check_like_weight(module, "x", x)
+        spec = spec_of(module, x.shape)
+        if self.strategy != "auto" or autotune_enabled():
+            return self._run("forward", module, spec, x=x)
+        # auto always picks the layer's own kernel, one torch call: a plan would
+        # cost more than it saves. The kernel rejects a mismatched dtype or device
+        # itself (checked here only then, for a clearer message), except a meta
+        # input, which it would take.
+        if x.is_meta:
+            check_like_weight(module, "x", x)
+        try:
+            return IMPLEMENTATIONS["forward"]["kernel"](module, spec, "kernel", x)
+        except (RuntimeError, TypeError):
+            check_like_weight(module, "x", x)
+            raise

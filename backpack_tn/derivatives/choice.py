@@ -101,6 +101,15 @@ def set_autotune(enabled: bool):
     plans.clear_plans()
 
 
+def autotune_enabled() -> bool:
+    """Whether ``auto`` measures its candidates (see :func:`set_autotune`).
+
+    Returns:
+        The current setting.
+    """
+    return _AUTOTUNE["enabled"]
+
+
 def check_strategy(strategy: str, owner: str):
     """Raise if ``strategy`` is unknown.
 
