@@ -54,7 +54,7 @@ RULE_CASES = [
         lambda: nn.Conv2d(16, 6, 3, stride=2, padding=1),
         (2, 16, 20, 20),
         "weight_jac_t_mat_prod",
-        "unfold",
+        "tn_lowered",
     ),
     (
         lambda: nn.Conv2d(3, 6, 3, padding_mode="reflect", padding=1),
@@ -62,7 +62,12 @@ RULE_CASES = [
         "weight_jac_t_mat_prod",
         "kernel",
     ),
-    (lambda: nn.Conv2d(16, 6, 3), (2, 16, 6, 6), "weight_jac_t_mat_prod", "unfold"),
+    (
+        lambda: nn.Conv2d(16, 6, 3),
+        (2, 16, 6, 6),
+        "weight_jac_t_mat_prod",
+        "tn_lowered",
+    ),
     (lambda: nn.Conv3d(16, 6, 3), (2, 16, 4, 4, 4), "weight_jac_t_mat_prod", "tn"),
     (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "jac_t_mat_prod", "kernel"),
     (lambda: nn.Conv2d(3, 6, 4, stride=4), (2, 3, 16, 16), "jac_t_mat_prod", "tn"),
@@ -154,7 +159,7 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(3, 16, 3, padding=1), (1, 3, 32, 32), 10, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 12, 12), 1, "kernel"),
-    (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 24, 24), 1, "unfold"),
+    (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 24, 24), 1, "tn_lowered"),
     (lambda: nn.Conv2d(16, 16, 3, 2), (4, 16, 37, 37), 1, "kernel"),
     (lambda: nn.Conv2d(16, 16, (7, 1), padding=(3, 0)), (4, 16, 17, 17), 1, "kernel"),
     (lambda: nn.Conv2d(16, 16, (1, 7), padding=(0, 3)), (4, 16, 17, 17), 1, "kernel"),
@@ -167,7 +172,7 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 192, 3, padding=1), (4, 16, 17, 17), 1, "kernel"),
     (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 64, 64), 1, "higher_conv"),
     (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 224, 224), 1, "kernel"),
-    (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 8, 8), 1, "unfold"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 8, 8), 1, "tn_lowered"),
 ]
 
 
