@@ -489,6 +489,7 @@ class TNDerivativesMixin:
         Raises:
             RuntimeError: If the layer's kernel rejects ``x`` (a wrong shape, say).
             TypeError: If ``x`` is not a tensor or has another dtype than the weight.
+            ValueError: If ``x`` lives on another device than the weight.
         """
         if not isinstance(x, Tensor):
             check_like_weight(module, "x", x)
