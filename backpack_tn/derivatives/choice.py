@@ -207,6 +207,15 @@ FEW_OUTPUT_CHANNELS_1X1 = 16
 #: skipped positions with zeros, this many (stride 2: 64x56x56 0.70x, 128x28x28
 #: 0.84x, 256x56x56 0.69x, 256x14x14 1.0x; 512x28x28 1.16x).
 STRIDED_1X1_OUTPUT_CHANNELS = 256
+#: Input VJPs of ungrouped Conv2d with overlapping patterns and at most
+#: ``FEW_OUTPUT_CHANNELS`` input channels take the dense-pattern network where the
+#: input channels times the largest pattern's entries stay below this (CPU, 2
+#: threads, N = 4 unless stated; the transposed convolution vectorises over the few
+#: channels it writes): 1x28x28 5x5 0.43x of the kernel's time (also at N = 64),
+#: 3x32x32 5x5 0.62x, 3x32x32 3x3 0.69x, 4x32x32 3x3 0.80x, 2x64x64 3x3 0.61x,
+#: 3x64x64 3x3 0.86x; beyond it the patterns' GEMMs cost more: 4x48x48 5x5 at
+#: N = 32 1.11x, 3x128x128 3x3 1.45x, ResNet18's 3x224x224 7x7 stride-2 stem 1.55x.
+FEW_CHANNEL_PATTERNS = 2**15
 
 #: Per-sample VJPs use the higher-order convolution up to this many input channels.
 FEW_CHANNELS = 8
@@ -260,7 +269,22 @@ def _kernel(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 
 
 def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-    if spec.kind != "conv" or spec.groups > 1 or not _non_overlapping(spec):
+    if spec.kind != "conv" or spec.groups > 1:
+        return _kernel(spec, tensors)
+    if not _non_overlapping(spec):
+        channels = spec.in_channels
+        size = channels * _largest_pattern(spec)
+        if (
+            len(spec.patterns) == 2
+            and channels <= FEW_OUTPUT_CHANNELS
+            and size <= FEW_CHANNEL_PATTERNS
+            and not _on_gpu(tensors)
+        ):
+            return "tn", (
+                f"{channels} input channels and small dense patterns ({size} entries"
+                " times channels): the patterns' GEMMs beat the transposed"
+                " convolution's kernel, which vectorises over the channels it writes"
+            )
         return _kernel(spec, tensors)
     channels, most = spec.in_channels, FEW_OUTPUT_CHANNELS
     if prod(spec.kernel_size) == 1:
