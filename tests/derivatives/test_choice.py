@@ -152,6 +152,11 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 12, 12), 1, "kernel"),
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 8, 8), 1, "kernel"),
     (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 32, 32), 10, "higher_conv"),
+    # a single input channel is not depthwise: the higher-order convolution, except
+    # for several vectors on strided layers
+    (lambda: nn.Conv2d(1, 8, 5, padding=2), (4, 1, 28, 28), 1, "higher_conv"),
+    (lambda: nn.Conv2d(1, 8, 3, padding=1), (1, 1, 128, 128), 10, "higher_conv"),
+    (lambda: nn.Conv2d(1, 8, 3, 2, padding=1), (1, 1, 28, 28), 10, "unfold"),
     # non-overlapping: the GEMM view, except for several vectors of several samples
     # on large maps with few weight entries per output channel
     (lambda: nn.Conv2d(8, 16, 1), (2, 8, 24, 24), 10, "kernel"),
