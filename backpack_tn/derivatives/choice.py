@@ -7,7 +7,9 @@
   ungrouped convolutions with non-overlapping patterns and at most
   ``FEW_OUTPUT_CHANNELS`` input channels (1x1 kernels: ``FEW_OUTPUT_CHANNELS_1X1``,
   strided ones ``STRIDED_1X1_OUTPUT_CHANNELS``), which take the network: one GEMM
-  and a strided write.
+  and a strided write; and input VJPs of ungrouped Conv2d with at most
+  ``FEW_OUTPUT_CHANNELS`` input channels whose channels times largest dense pattern
+  stay within ``FEW_CHANNEL_PATTERNS``, which take the dense-pattern network (CPU).
 - Weight VJPs use the simplified network when every index pattern is
   non-overlapping (dense ``K = S``, down-sampling ``S > K``, ``1x1``): it becomes
   a strided view and one batched GEMM (on CPU, several vectors of several samples
@@ -16,7 +18,9 @@
   view would copy all vectors sample-major first). Otherwise the
   ``kernel`` route (the convolution's weight-gradient kernel with the samples as
   groups and the vectors as output channels) is the default, with these exceptions.
-  Depthwise layers take a same-order grouped convolution, except unstrided ones with
+  Ungrouped Conv2d with a single input channel take the higher-order convolution
+  (several vectors: only without stride). Depthwise layers take a same-order
+  grouped convolution, except unstrided ones with
   kernels of at most ``SMALL_KERNEL`` entries whose input, repeated per vector and
   sample, is large (``DEPTHWISE_BYTES``; one vector: ``DEPTHWISE_BYTES_ONE_VECTOR`` or
   ``LARGE_DEPTHWISE_MAP`` output positions), which take the kernel route; several
@@ -269,16 +273,15 @@ def _kernel(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
 
 
 def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
-    if spec.kind != "conv" or spec.groups > 1:
+    if spec.kind != "conv" or spec.groups > 1 or _on_gpu(tensors):
         return _kernel(spec, tensors)
+    channels = spec.in_channels
     if not _non_overlapping(spec):
-        channels = spec.in_channels
         size = channels * _largest_pattern(spec)
         if (
             len(spec.patterns) == 2
             and channels <= FEW_OUTPUT_CHANNELS
             and size <= FEW_CHANNEL_PATTERNS
-            and not _on_gpu(tensors)
         ):
             return "tn", (
                 f"{channels} input channels and small dense patterns ({size} entries"
@@ -286,11 +289,11 @@ def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
                 " convolution's kernel, which vectorises over the channels it writes"
             )
         return _kernel(spec, tensors)
-    channels, most = spec.in_channels, FEW_OUTPUT_CHANNELS
+    most = FEW_OUTPUT_CHANNELS
     if prod(spec.kernel_size) == 1:
         strided = any(p.stride > 1 for p in spec.patterns)
         most = STRIDED_1X1_OUTPUT_CHANNELS if strided else FEW_OUTPUT_CHANNELS_1X1
-    if channels <= most and not _on_gpu(tensors):
+    if channels <= most:
         return "tn", (
             f"non-overlapping patterns and {channels} input channels: one GEMM"
             " and a strided write beat the transposed convolution's kernel, which"

@@ -257,12 +257,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         The result, of shape ``[*, N]``.
     """
-    flops = 2 * x.numel() * weight.shape[0]  # small products return here first
-    if (
-        flops >= MIN_FLOPS
-        and (bias is None or bias.dtype == x.dtype)
-        and uses_onednn(x, weight, flops)
-    ):
+    flops = 2 * x.numel() * weight.shape[0]
+    if (bias is None or bias.dtype == x.dtype) and uses_onednn(x, weight, flops):
         result = _linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return result.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
