@@ -39,9 +39,10 @@ EXTENSIONS: dict[str, tuple[Callable | None, Callable]] = {
         lambda: (stock.BatchGrad(), stock.DiagGGNExact(), stock.KFAC()),
         lambda: (tn.BatchGrad(), tn.DiagGGNExact(), tn.KFAC()),
     ),
-    # last: on CUDA, stock BackPACK's grouped convolutions for many classes can hit
-    # an illegal memory access (seen on an H200 at batch size 32), which leaves the
-    # CUDA context unusable for the rows after it
+    # last: on CUDA, stock BackPACK's same-order convolution for many classes builds
+    # operands past cuDNN's 32-bit indices (All-CNN-C at batch size 32 on an H100 and
+    # an H200): the illegal memory access leaves the CUDA context unusable for the
+    # rows after it
     "SqrtGGNExact": (stock.SqrtGGNExact, tn.SqrtGGNExact),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

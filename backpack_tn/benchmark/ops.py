@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from backpack_tn.benchmark.layers import LayerSpec
+from backpack_tn.derivatives.implementations import check_same_conv_size
 
 Method = Callable[[nn.Module, Tensor, dict], Tensor]
 
@@ -251,7 +252,8 @@ def _bp_weight_vjp(module: nn.Module, mat: Tensor, save_memory: bool) -> Tensor:
         Per-sample VJPs of shape ``[V, N, *weight]``.
 
     Raises:
-        NotImplementedError: If BackPACK has no such route for the layer.
+        NotImplementedError: If BackPACK has no such route for the layer, or its
+            same-order convolution would overrun CUDA's 32-bit indices.
     """
     from backpack.core.derivatives.convnd import (
         weight_jac_t_save_memory,
@@ -264,6 +266,9 @@ def _bp_weight_vjp(module: nn.Module, mat: Tensor, save_memory: bool) -> Tensor:
             f"{method} exists only for conv1d/conv2d, not for {kind}."
         )
     _require_plain_conv(module, method)
+    if not save_memory and kind in ("conv1d", "conv2d", "conv3d"):
+        # a failing CUDA kernel would end every later measurement of the run
+        check_same_conv_size(module, module.input0, mat, method)
     with weight_jac_t_save_memory(save_memory):
         return _bp_derivatives(kind).param_mjp(
             "weight", module, None, None, mat, sum_batch=False

@@ -648,6 +648,8 @@ def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
         The weight VJP of shape ``[V, (N,) *weight_shape]``.
     """
     check_stock_strategy(module, spec, strategy)
+    if strategy == "same_conv":
+        check_same_conv_size(module, x, mat)
     proxy = SimpleNamespace(
         input0=x,
         output=x.new_empty(()).expand(spec.output_shape(x.shape[0])),
@@ -692,6 +694,52 @@ def check_stock_strategy(module: Module, spec: LayerSpec, strategy: str):
         raise NotImplementedError(
             f"Strategy 'higher_conv' needs a 4d convolution, which PyTorch lacks, so"
             f" it does not support {name}. {alternatives}"
+        )
+
+
+#: Most elements a tensor of a CUDA convolution may have. Past it, cuDNN's kernels
+#: overrun their 32-bit indices and fail with an illegal memory access that leaves
+#: the CUDA context unusable (PyTorch's own kernels refuse such tensors). Stock
+#: BackPACK's same-order convolution reaches it on ordinary layers: a 96x32x32 -> 96
+#: 3x3 layer with N = 32 samples and V = 10 vectors (H100, torch 2.11).
+MAX_CUDA_CONV_ELEMENTS = 2**31 - 1
+
+#: Device types whose convolutions index with 32 bits.
+INT32_INDEXED_DEVICES = frozenset({"cuda"})
+
+
+def check_same_conv_size(
+    module: Module, x: Tensor, mat: Tensor, method: str = "Strategy 'same_conv'"
+):
+    """Raise before stock BackPACK's same-order convolution overruns CUDA's indices.
+
+    That convolution treats every (vector, sample, input channel) as a group: its
+    kernel has ``V * N * C_out * C_in // G * prod(O)`` and its input
+    ``V * N * C_in * prod(I)`` elements.
+
+    Args:
+        module: The convolution.
+        x: Layer input of shape ``[N, C_in, *I]``.
+        mat: Vectors of shape ``[V, N, C_out, *O]``.
+        method: Who asked, for the message.
+
+    Raises:
+        NotImplementedError: On ``INT32_INDEXED_DEVICES``, if either tensor would
+            have more than ``MAX_CUDA_CONV_ELEMENTS`` elements.
+    """
+    if mat.device.type not in INT32_INDEXED_DEVICES:
+        return
+    vectors = mat.shape[0]
+    kernel = mat.numel() * (module.in_channels // module.groups)
+    largest = max(kernel, vectors * x.numel())
+    if largest > MAX_CUDA_CONV_ELEMENTS:
+        raise NotImplementedError(
+            f"{method} on {type(module).__name__}(in_channels="
+            f"{module.in_channels}, out_channels={module.out_channels}) would build a"
+            f" convolution operand of {largest} elements for {vectors} vectors of"
+            f" {mat.shape[1]} samples; CUDA convolutions support at most"
+            f" {MAX_CUDA_CONV_ELEMENTS}. Use strategy 'auto' (or 'tn', 'kernel',"
+            " 'unfold', 'higher_conv'), or fewer samples per call."
         )
 
 

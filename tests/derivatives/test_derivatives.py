@@ -9,8 +9,9 @@ the random vectors and their references are computed once per case and product.
 import re
 from collections.abc import Callable
 
+import torch
 from pytest import FixtureRequest, fixture, mark, raises, skip
-from torch import Tensor, randn
+from torch import Tensor, nn, randn
 
 from backpack_tn.derivatives import STRATEGIES, implementations
 from test_problems import references
@@ -442,6 +443,56 @@ def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypa
         result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
         name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
         assert_allclose_report(result, expected, name=name, **conv_problem.tols)
+
+
+#: Same-order convolutions of stock BackPACK: (layer, input shape, vectors, whether
+#: an operand passes the 32-bit index limit of CUDA convolutions).
+SAME_CONV_SIZES = {
+    "96x32x32-N32-V10": (
+        lambda: nn.Conv2d(96, 96, 3, padding=1),
+        (32, 96, 32, 32),
+        10,
+        True,
+    ),
+    "96x32x32-N2-V10": (
+        lambda: nn.Conv2d(96, 96, 3, padding=1),
+        (2, 96, 32, 32),
+        10,
+        False,
+    ),
+    "depthwise-N32-V10": (
+        lambda: nn.Conv2d(96, 96, 3, padding=1, groups=96),
+        (32, 96, 32, 32),
+        10,
+        False,
+    ),
+}
+
+
+@mark.parametrize("case", SAME_CONV_SIZES.values(), ids=SAME_CONV_SIZES.keys())
+def test_same_conv_size_check(case: tuple, monkeypatch):
+    """``same_conv`` refuses operands past CUDA's 32-bit indices, naming the sizes.
+
+    Meta tensors stand in for CUDA tensors of the real shapes (no memory).
+
+    Args:
+        case: Layer factory, input shape, vectors and whether the check raises.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    factory, shape, vectors, too_large = case
+    module = factory()
+    x = torch.empty(shape, device="meta")
+    mat = torch.empty(vectors, *module.to("meta")(x).shape, device="meta")
+    implementations.check_same_conv_size(module, x, mat)  # not an indexed device
+    monkeypatch.setattr(implementations, "INT32_INDEXED_DEVICES", {"meta"})
+    if not too_large:
+        implementations.check_same_conv_size(module, x, mat)
+        return
+    with raises(NotImplementedError, match="same_conv") as error:
+        implementations.check_same_conv_size(module, x, mat)
+    message = str(error.value)
+    for part in ("Conv2d(in_channels=96", "3019898880", "2147483647", "'auto'"):
+        assert part in message, message
 
 
 def test_get_unfolded_input(conv_problem: Problem, strategy: str):
