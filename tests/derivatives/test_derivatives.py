@@ -402,7 +402,8 @@ def test_squared_vjps_in_blocks(
     mat = _randn(3, *module.output.shape, like=x)
     vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     one = module.weight.numel() * mat.element_size()
-    monkeypatch.setattr(implementations, "VJP_BLOCK_BYTES", budget(one))
+    for bound in ("VJP_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU"):
+        monkeypatch.setattr(implementations, bound, budget(one))
     derivatives = _tn_derivatives(layer_problem, strategy)
     for sum_batch in SUM_BATCH:
         expected = vjps.square().sum((0, 1) if sum_batch else 0)

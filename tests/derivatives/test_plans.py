@@ -164,7 +164,9 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
     assert_allclose_report(result, expected, **conv_problem.tols)
 
 
-@mark.parametrize("budget", ["VJP_BLOCK_BYTES", "KERNEL_BLOCK_BYTES"])
+@mark.parametrize(
+    "budget", ["VJP_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU", "KERNEL_BLOCK_BYTES"]
+)
 def test_block_budgets_are_settings(budget: str, monkeypatch):
     """A plan recorded under one block budget is not replayed under another.
 
