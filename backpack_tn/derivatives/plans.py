@@ -61,6 +61,7 @@ def _settings() -> tuple:
         contract.MIN_SLICE_BYTES,
         contract.MIN_SLICE_ROWS,
         implementations.VJP_BLOCK_BYTES,
+        implementations.INPUT_PRODUCT_BLOCK_BYTES,
         implementations.VJP_BLOCK_BYTES_GPU,
         implementations.KERNEL_BLOCK_BYTES,
         gemm.gemm_backend(),

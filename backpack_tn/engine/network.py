@@ -463,6 +463,12 @@ def leg_sizes(net: TensorNetwork) -> dict[str, int]:
     return sizes
 
 
+def _path(net: TensorNetwork, optimize: str | None):
+    sizes = leg_sizes(net)
+    shapes = [tuple(sizes[leg] for leg in legs) for legs in net.legs]
+    return path_info(net.legs, net._einsum_output, shapes, optimize)
+
+
 def flops(net: TensorNetwork, optimize: str | None = None) -> int:
     """Estimated FLOPs of contracting the network along its path.
 
@@ -473,7 +479,17 @@ def flops(net: TensorNetwork, optimize: str | None = None) -> int:
     Returns:
         opt_einsum's FLOP estimate (includes the finalizers' size, not their cost).
     """
-    sizes = leg_sizes(net)
-    shapes = [tuple(sizes[leg] for leg in legs) for legs in net.legs]
-    info = path_info(net.legs, net._einsum_output, shapes, optimize)
-    return int(info.opt_cost)
+    return int(_path(net, optimize).opt_cost)
+
+
+def largest_intermediate(net: TensorNetwork, optimize: str | None = None) -> int:
+    """Elements of the largest tensor that contracting the network along its path forms.
+
+    Args:
+        net: A tensor network.
+        optimize: opt_einsum path optimiser.
+
+    Returns:
+        opt_einsum's count, the contraction's result included (not the finalizers').
+    """
+    return int(_path(net, optimize).largest_intermediate)

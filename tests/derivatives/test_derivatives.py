@@ -446,6 +446,42 @@ def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypa
         assert_allclose_report(result, expected, name=name, **conv_problem.tols)
 
 
+#: Bounds in bytes on the intermediates of input JVP/VJP networks: one vector of one
+#: sample per block, or a few.
+INPUT_PRODUCT_BLOCKS = {"one-vector": 1, "16KiB": 2**14}
+
+
+@mark.parametrize(
+    "budget", INPUT_PRODUCT_BLOCKS.values(), ids=INPUT_PRODUCT_BLOCKS.keys()
+)
+@mark.parametrize("strategy", ["tn", "tn_unsimplified", "tn_lowered"])
+def test_input_products_in_blocks(
+    layer_problem: Problem, strategy: str, budget: int, monkeypatch
+):
+    """Input JVPs and VJPs are the same in any blocks of vectors.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: A network strategy.
+        budget: Bound on a block's largest intermediate, in bytes.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    for bound in ("INPUT_PRODUCT_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU"):
+        monkeypatch.setattr(implementations, bound, budget)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+    mat = _randn(3, *x.shape, like=x)
+    expected = references.jac_mat_prod(module, x, mat)
+    result = derivatives.jac_mat_prod(module, None, None, mat)
+    assert_allclose_report(result, expected, name="jac_mat_prod", **layer_problem.tols)
+    mat = _randn(3, *module.output.shape, like=x)
+    expected = references.jac_t_mat_prod(module, x, mat)
+    result = derivatives.jac_t_mat_prod(module, None, None, mat)
+    assert_allclose_report(
+        result, expected, name="jac_t_mat_prod", **layer_problem.tols
+    )
+
+
 #: Same-order convolutions of stock BackPACK: (layer, input shape, vectors, whether
 #: an operand passes the 32-bit index limit of CUDA convolutions).
 SAME_CONV_SIZES = {

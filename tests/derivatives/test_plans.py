@@ -165,7 +165,13 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
 
 
 @mark.parametrize(
-    "budget", ["VJP_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU", "KERNEL_BLOCK_BYTES"]
+    "budget",
+    [
+        "VJP_BLOCK_BYTES",
+        "VJP_BLOCK_BYTES_GPU",
+        "KERNEL_BLOCK_BYTES",
+        "INPUT_PRODUCT_BLOCK_BYTES",
+    ],
 )
 def test_block_budgets_are_settings(budget: str, monkeypatch):
     """A plan recorded under one block budget is not replayed under another.
