@@ -29,7 +29,9 @@
   ``FEW_CHANNELS`` input channels per group below ``LARGE_MAP`` output positions
   (never for kernels of width 1, like 7x1); on ungrouped Conv2d with more input
   channels, the lowered network (a strided view, one copy) and one GEMM up to
-  ``SMALL_MAP`` output positions (strided: below ``STRIDED_MAP``); on other layers,
+  ``SMALL_MAP`` output positions (strided: below ``STRIDED_MAP``; with
+  ``MANY_CHANNELS`` input channels and ``SEVERAL_SAMPLES`` samples: up to
+  ``MEDIUM_MAP``); on other layers,
   the lowered network (2d) or the dense-pattern network up to ``FEW_POSITIONS``.
   For several vectors: on a single sample with more than
   ``FEW_CHANNELS`` input channels per group, im2col and one GEMM below
@@ -231,6 +233,21 @@ SMALL_MAP = 64
 #: Below this many output positions, the lowered network and one GEMM beat
 #: convolution kernels for one vector on strided layers.
 STRIDED_MAP = 256
+#: Unstrided maps up to this many output positions also take the lowered network for
+#: one vector of at least ``SEVERAL_SAMPLES`` samples with at least
+#: ``MANY_CHANNELS`` input channels: its GEMM per sample is deep enough
+#: (``C_in * prod(K)``) to pay for the one copy, and it holds only its result, where
+#: the kernel route holds about three times it. Per-sample gradients of the nine
+#: networks' seven such layers (3c3d's 64x14x14, All-CNN-C's 96x16x16 and 192x16x16,
+#: AlexNet's 13x13, ResNet18's 256x14x14), lowered network against kernel route: at
+#: N = 4 0.81-1.02x (two runs), at N = 8 0.82-0.96x (three of them), at N = 16
+#: 0.82-1.04x; at N = 1 and 2 the kernel route could be faster (192x16x16 at N = 1:
+#: 1.1 against 2.0 ms). 3c3d's 64x14x14 layer at N = 8: 4.0 against 4.9 MiB.
+MEDIUM_MAP = 256
+#: See ``MEDIUM_MAP``.
+MANY_CHANNELS = 64
+#: See ``MEDIUM_MAP``.
+SEVERAL_SAMPLES = 4
 #: From this many output positions on, convolution kernels beat the higher-order
 #: convolution for one vector on 2d layers with few input channels.
 LARGE_MAP = 2048
@@ -368,7 +385,7 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             )
         return _depthwise_rule(spec, vectors, strided, tensors)
     if vectors == 1:
-        return _one_vector_rule(spec, strided)
+        return _one_vector_rule(spec, strided, samples)
     channels = spec.in_channels // spec.groups
     if samples == 1 and channels > FEW_CHANNELS:
         if spec.num_positions >= MANY_POSITIONS:
@@ -466,7 +483,7 @@ _LOWERED_GEMM = (
 )
 
 
-def _one_vector_rule(spec: LayerSpec, strided: bool) -> tuple[str, str]:
+def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str, str]:
     """Per-sample VJPs of one vector (per-sample gradients, batch L2 norms).
 
     Measured on the layers of the benchmark networks (2 CPU cores, N = 4): the
@@ -490,7 +507,12 @@ def _one_vector_rule(spec: LayerSpec, strided: bool) -> tuple[str, str]:
     if (few or len(spec.patterns) == 1) and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, 1, None)
     if channels > FEW_CHANNELS and len(spec.patterns) == 2:
-        if positions < STRIDED_MAP if strided else positions <= SMALL_MAP:
+        medium = (
+            positions <= MEDIUM_MAP
+            and channels >= MANY_CHANNELS
+            and samples >= SEVERAL_SAMPLES
+        )
+        if (positions < STRIDED_MAP) if strided else (positions <= SMALL_MAP or medium):
             return "tn_lowered", (
                 f"one vector, {'strided, ' if strided else ''}{positions} output"
                 f" positions, {channels} input channels: {_LOWERED_GEMM}"

@@ -172,6 +172,11 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "unfold"),
     (lambda: nn.Conv2d(3, 16, 3, padding=1), (1, 3, 32, 32), 10, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "kernel"),
+    # medium maps with many channels: the lowered network from 4 samples on
+    (lambda: nn.Conv2d(64, 96, 3), (4, 64, 14, 14), 1, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 96, 3), (2, 64, 14, 14), 1, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1, "kernel"),
+    (lambda: nn.Conv2d(32, 64, 5, padding=2), (4, 32, 14, 14), 1, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (4, 16, 12, 12), 1, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 24, 24), 1, "tn_lowered"),
     (lambda: nn.Conv2d(16, 16, 3, 2), (4, 16, 37, 37), 1, "kernel"),
@@ -215,7 +220,7 @@ NORM_RULE_CASES = [
     ),
     (
         lambda: nn.Conv2d(256, 256, 3, padding=1),
-        (4, 256, 14, 14),
+        (2, 256, 14, 14),
         "tn",
         "counted 2x faster by kernels",
     ),
