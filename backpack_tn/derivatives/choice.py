@@ -41,7 +41,8 @@
   positions and small patterns.
 - Squared quantities (GGN diagonal, per-sample L2 norms) compare the FLOPs of the
   single network that never forms per-sample VJPs against forming them (VJPs from
-  the kernel route count ``1 / KERNEL_SPEEDUP`` of their FLOPs); in the latter
+  the kernel route count ``1 / KERNEL_SPEEDUP`` of their FLOPs, from the lowered
+  network ``1 / LOWERED_SPEEDUP``); in the latter
   case the VJPs are evaluated as above, then squared. The single network lowers
   unpadded patterns to strided views where that saves FLOPs.
 - The KFAC-expand input factor is the Gram matrix of the unfolded input: a strided
@@ -600,7 +601,8 @@ def _cheaper_squared(
     # forming VJPs costs about as much as the lowered (GEMM-like) network
     single = flops(prepare(net, strategy))
     via_vjp = flops(prepare(vjp, "tn_lowered")) / speedup
-    weighted = f", counted {speedup:g}x faster by kernels" if speedup != 1 else ""
+    route = "kernels" if speedup == KERNEL_SPEEDUP else "one GEMM"
+    weighted = f", counted {speedup:g}x faster by {route}" if speedup != 1 else ""
     if single < via_vjp:
         reason = (
             f"one network without per-sample VJPs ({single:.2e} FLOPs) is cheaper"
@@ -626,6 +628,12 @@ def _cheaper_squared(
 #: equal FLOPs: 1.24x → 0.70x of the fastest reference; ResNet18's 256x14x14 layer,
 #: 3.3x the FLOPs: 0.44x single, 0.85x kernels).
 KERNEL_SPEEDUP = 2.0
+#: Likewise for the lowered network's VJPs (one copy and one batched GEMM), against
+#: the single network's dense-pattern contractions, which run below GEMM speed. It
+#: decides near-ties only: norms of All-CNN-C's 96x16x16 layer at N = 4, 3.36e8 FLOPs
+#: for the single network against 3.40e8 for the VJPs, took 2.66 ms single and 2.00 ms
+#: squared (the only changed choice on the nine networks' layers at N = 1, 4 and 16).
+LOWERED_SPEEDUP = 1.25
 
 
 #: On GPU, per-sample VJPs of a Linear layer with at most this many entries
@@ -641,7 +649,9 @@ def _squared_rule(op: str) -> Callable:
         vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
         if _on_gpu(tensors):
             return _gpu_squared_rule(op, spec, tensors, vjp_key, vjp_reason)
-        speedup = KERNEL_SPEEDUP if vjp_key == "kernel" else 1.0
+        speedup = {"kernel": KERNEL_SPEEDUP, "tn_lowered": LOWERED_SPEEDUP}.get(
+            vjp_key, 1.0
+        )
         key, reason = _cheaper_squared(
             op, spec, "tn", tensors, speedup, lower_unpadded=True
         )
