@@ -572,7 +572,7 @@ def _cheaper_squared(
     spec: LayerSpec,
     strategy: str,
     tensors: dict,
-    speedup: float = 1.0,
+    vjp_key: str = "",
     lower_unpadded: bool = False,
 ) -> tuple[str, str]:
     """Single squared network or squared per-sample VJPs, by FLOPs.
@@ -587,7 +587,8 @@ def _cheaper_squared(
         spec: Layer description.
         strategy: Evaluation of the single network.
         tensors: The op's tensor arguments.
-        speedup: How many times faster per FLOP the VJPs are formed.
+        vjp_key: The VJPs' evaluation, whose speed per FLOP weights their FLOPs
+            (``_vjp_speedup``).
         lower_unpadded: Whether a single network with unpadded patterns may be
             lowered (``tn_lowered``) where that needs fewer FLOPs.
 
@@ -600,8 +601,8 @@ def _cheaper_squared(
     )
     # forming VJPs costs about as much as the lowered (GEMM-like) network
     single = flops(prepare(net, strategy))
+    speedup, route = _vjp_speedup(vjp_key)
     via_vjp = flops(prepare(vjp, "tn_lowered")) / speedup
-    route = "kernels" if speedup == KERNEL_SPEEDUP else "one GEMM"
     weighted = f", counted {speedup:g}x faster by {route}" if speedup != 1 else ""
     if single < via_vjp:
         reason = (
@@ -636,6 +637,19 @@ KERNEL_SPEEDUP = 2.0
 LOWERED_SPEEDUP = 1.25
 
 
+def _vjp_speedup(vjp_key: str) -> tuple[float, str]:
+    """How many times faster per FLOP than the networks' contractions, and by what.
+
+    Returns:
+        The factor for VJPs of ``vjp_key`` and the route's name for reasons.
+    """
+    if vjp_key == "kernel":
+        return KERNEL_SPEEDUP, "kernels"
+    if vjp_key == "tn_lowered":
+        return LOWERED_SPEEDUP, "one GEMM"
+    return 1.0, ""
+
+
 #: On GPU, per-sample VJPs of a Linear layer with at most this many entries
 #: (``V * N * C_out * C_in``) are formed and squared for norms and GGN diagonals:
 #: three kernel launches, against four to six for the single network, which is
@@ -649,11 +663,8 @@ def _squared_rule(op: str) -> Callable:
         vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
         if _on_gpu(tensors):
             return _gpu_squared_rule(op, spec, tensors, vjp_key, vjp_reason)
-        speedup = {"kernel": KERNEL_SPEEDUP, "tn_lowered": LOWERED_SPEEDUP}.get(
-            vjp_key, 1.0
-        )
         key, reason = _cheaper_squared(
-            op, spec, "tn", tensors, speedup, lower_unpadded=True
+            op, spec, "tn", tensors, vjp_key, lower_unpadded=True
         )
         if not key.endswith(SQUARE):
             return key, reason
