@@ -446,6 +446,34 @@ def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypa
         assert_allclose_report(result, expected, name=name, **conv_problem.tols)
 
 
+@mark.parametrize("groups_per_call", [1, 2, 3])
+def test_higher_conv_in_blocks(
+    conv_problem: Problem, groups_per_call: int, monkeypatch
+):
+    """Weight VJPs of the higher-order convolution are the same in any blocks.
+
+    Args:
+        conv_problem: Convolution problem.
+        groups_per_call: Most (vector, sample, group) triples per call.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = conv_problem.module, conv_problem.x
+    reason = weight_vjp_unsupported(module, "higher_conv")
+    if reason is not None:
+        skip(reason)
+    monkeypatch.setattr(implementations, "HIGHER_CONV_GROUPS", groups_per_call)
+    monkeypatch.setattr(implementations, "HIGHER_CONV_SLOW_GROUPS", 2)
+    monkeypatch.setattr(implementations, "HIGHER_CONV_BLOCK_CHANNELS", 1)
+    monkeypatch.setattr(implementations, "HIGHER_CONV_BLOCK_INPUT", 1)
+    mat = _randn(3, *module.output.shape, like=x)
+    derivatives = _tn_derivatives(conv_problem, "higher_conv")
+    for sum_batch in SUM_BATCH:
+        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
+        result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
+        name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **conv_problem.tols)
+
+
 #: Bounds in bytes on the intermediates of input JVP/VJP networks: one vector of one
 #: sample per block, or a few.
 INPUT_PRODUCT_BLOCKS = {"one-vector": 1, "16KiB": 2**14}
