@@ -28,7 +28,7 @@ pattern ``Π`` per spatial dimension; a transposed convolution swaps the roles o
 ``i`` and ``o``.
 """
 
-from backpack_tn.derivatives import STRATEGIES, set_autotune
+from backpack_tn.derivatives import STRATEGIES, set_autotune, set_host_probe
 from backpack_tn.engine.contract import optimizer, set_optimizer
 from backpack_tn.engine.gemm import set_gemm_backend
 from backpack_tn.register import use_tn
@@ -40,6 +40,7 @@ __all__ = [
     "__version__",
     "optimizer",
     "set_autotune",
+    "set_host_probe",
     "set_gemm_backend",
     "set_optimizer",
     "use_tn",

@@ -4,6 +4,8 @@ from collections.abc import Iterator
 
 from pytest import FixtureRequest, MonkeyPatch, fixture
 
+from backpack_tn import set_host_probe
+from backpack_tn.derivatives import host
 from backpack_tn.engine import contract
 from test_problems.cases import Problem, build_problem, with_device_marks
 from test_problems.cases_conv import CONV_CASES, CONV_IDS
@@ -25,6 +27,21 @@ def gemm_steps_at_any_size(monkeypatch: MonkeyPatch) -> Iterator[None]:
     """
     monkeypatch.setattr(contract, "SMALL_STEP", 0)
     yield
+
+
+@fixture(autouse=True)
+def static_host_rules() -> Iterator[None]:
+    """Keep ``auto``'s host probe off, so that its choices do not depend on the host.
+
+    Tests of the probe pin its result themselves.
+
+    Yields:
+        Nothing; the probe's setting is restored afterwards.
+    """
+    enabled, speedup = host._STATE["enabled"], host._STATE["speedup"]
+    set_host_probe(False)
+    yield
+    set_host_probe(enabled, speedup)
 
 
 @fixture(params=with_device_marks(LINEAR_CASES), ids=LINEAR_IDS)

@@ -1,6 +1,6 @@
 """Tensor-network derivatives for BackPACK: drop-in subclasses of its derivatives."""
 
-from backpack_tn.derivatives.choice import STRATEGIES, set_autotune
+from backpack_tn.derivatives.choice import STRATEGIES, set_autotune, set_host_probe
 from backpack_tn.derivatives.layers import (
     DERIVATIVES,
     Conv1DDerivativesTN,
@@ -23,4 +23,5 @@ __all__ = [
     "ConvTranspose3DDerivativesTN",
     "LinearDerivativesTN",
     "set_autotune",
+    "set_host_probe",
 ]

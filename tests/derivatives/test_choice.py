@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from backpack_tn import set_autotune
+from backpack_tn import set_autotune, set_host_probe
 from backpack_tn.derivatives import (
     Conv2DDerivativesTN,
     Conv3DDerivativesTN,
     LinearDerivativesTN,
     choice,
+    host,
 )
 from backpack_tn.derivatives.implementations import is_grouped_strided
 from test_problems import references
@@ -251,6 +252,47 @@ def test_auto_batch_l2_rules(module_fn, shape, expected, fragment):
     key, reason = Conv2DDerivativesTN().explain("weight_batch_l2", module, **tensors)
     assert key == expected, reason
     assert fragment in reason
+
+
+#: (layer, input shape, probe result, expected choice) for per-sample gradients:
+#: the higher-order convolution where the host probe ran it faster than the kernel
+#: route, on unstrided many-channel maps of more than ``SMALL_MAP`` positions
+#: and several samples.
+PROBE_RULE_CASES = [
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 0.5, "kernel"),
+    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1.05, "higher_conv"),
+    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1.0, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 17, 17), 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (4, 64, 34, 34), 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 8, 8), 1.2, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, (7, 1), padding=(3, 0)), (4, 64, 17, 17), 1.2, "kernel"),
+]
+
+
+@pytest.mark.parametrize("module_fn, shape, speedup, expected", PROBE_RULE_CASES)
+def test_auto_follows_host_probe(module_fn, shape, speedup, expected):
+    """The host probe's result moves unstrided many-channel layers between routes."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    set_host_probe(False, speedup)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **_tensors(module, x, "weight_jac_t_mat_prod")
+    )
+    assert key == expected, reason
+    if key == "higher_conv":
+        assert f"ran {speedup:.2f}x as fast" in reason
+
+
+def test_host_probe_measures_once_and_can_be_turned_off():
+    """The probe times both routes once per process; off, the ratio is neutral."""
+    assert host.higher_conv_speedup() == 1.0
+    set_host_probe(True)
+    measured = host.higher_conv_speedup()
+    assert 0.0 < measured < float("inf")
+    assert host.higher_conv_speedup() == measured
+    set_host_probe(False)
+    assert host.higher_conv_speedup() == 1.0
 
 
 def test_autotune_measures_and_stays_exact():
