@@ -417,6 +417,23 @@ def test_squared_vjps_in_blocks(
 
 #: Budgets for the blocks of the kernel route's per-sample VJPs of three vectors, as
 #: a function of one sample's input bytes and one vector's bytes per sample.
+def _check_weight_vjps(problem: Problem, strategy: str, mat: Tensor):
+    """Compare summed and per-sample weight VJPs of a strategy with autograd.
+
+    Args:
+        problem: Convolution problem.
+        strategy: Strategy of the derivatives.
+        mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
+    """
+    module, x = problem.module, problem.x
+    derivatives = _tn_derivatives(problem, strategy)
+    for sum_batch in SUM_BATCH:
+        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
+        result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
+        name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **problem.tols)
+
+
 KERNEL_BLOCKS = {
     "one-vector": lambda sample, vector: 1,
     "two-vectors": lambda sample, vector: sample + 2 * vector,
@@ -438,12 +455,7 @@ def test_kernel_vjps_in_blocks(conv_problem: Problem, budget: Callable, monkeypa
     size = x.element_size()
     bytes_ = budget(x[0].numel() * size, mat[0, 0].numel() * size)
     monkeypatch.setattr(implementations, "KERNEL_BLOCK_BYTES", bytes_)
-    derivatives = _tn_derivatives(conv_problem, "kernel")
-    for sum_batch in SUM_BATCH:
-        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
-        result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
-        name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
-        assert_allclose_report(result, expected, name=name, **conv_problem.tols)
+    _check_weight_vjps(conv_problem, "kernel", mat)
 
 
 @mark.parametrize("groups_per_call", [1, 2, 3])
@@ -465,13 +477,9 @@ def test_higher_conv_in_blocks(
     monkeypatch.setattr(implementations, "HIGHER_CONV_SLOW_GROUPS", 2)
     monkeypatch.setattr(implementations, "HIGHER_CONV_BLOCK_CHANNELS", 1)
     monkeypatch.setattr(implementations, "HIGHER_CONV_BLOCK_INPUT", 1)
-    mat = _randn(3, *module.output.shape, like=x)
-    derivatives = _tn_derivatives(conv_problem, "higher_conv")
-    for sum_batch in SUM_BATCH:
-        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
-        result = derivatives.param_mjp("weight", module, None, None, mat, sum_batch)
-        name = f"weight_jac_t_mat_prod(sum_batch={sum_batch})"
-        assert_allclose_report(result, expected, name=name, **conv_problem.tols)
+    _check_weight_vjps(
+        conv_problem, "higher_conv", _randn(3, *module.output.shape, like=x)
+    )
 
 
 #: Bounds in bytes on the intermediates of input JVP/VJP networks: one vector of one
