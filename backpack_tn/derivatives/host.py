@@ -22,6 +22,9 @@ import time
 import torch
 from torch import nn
 
+from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
+from backpack_tn.expressions.layer_spec import spec_of
+
 #: The probe layer: ``Conv2d(C, C, 3, padding=1)`` on ``[N, C, S, S]`` inputs.
 PROBE_CHANNELS = 64
 PROBE_SIZE = 32
@@ -69,9 +72,6 @@ def _measure() -> float:
     Returns:
         The ratio of the fastest kernel-route time to the fastest higher-order one.
     """
-    from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
-    from backpack_tn.expressions.layer_spec import spec_of
-
     generator = torch.Generator().manual_seed(0)
     layer = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1)
     shape = (PROBE_SAMPLES, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE)
