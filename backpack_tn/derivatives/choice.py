@@ -526,16 +526,18 @@ def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str,
     if (few or len(spec.patterns) == 1) and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, 1, None)
     if channels > FEW_CHANNELS and len(spec.patterns) == 2:
-        if (
-            not strided
-            and positions > SMALL_MAP
-            and samples > 1
-            and _higher_conv_applies(spec)
-        ):
+        unpadded = all(p.is_unpadded for p in spec.patterns)
+        large = (
+            (positions >= STRIDED_MAP and unpadded)
+            if strided
+            else positions > SMALL_MAP
+        )
+        if large and samples > 1 and _higher_conv_applies(spec):
             speedup = host.higher_conv_speedup()
             if speedup > HIGHER_CONV_MARGIN:
                 return "higher_conv", (
                     f"one vector, {samples} samples, {positions} output positions,"
+                    f"{' strided without padding,' if strided else ''}"
                     f" {channels} input channels: on this host the higher-order"
                     f" convolution ran {speedup:.2f}x as fast as the convolution"
                     " kernel's weight gradient (host probe)"
@@ -566,14 +568,18 @@ def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str,
     return "kernel", _KERNEL_REASON
 
 
-#: Unstrided many-channel Conv2d layers take the higher-order convolution for one
-#: vector of several samples where the host probe (``host.higher_conv_speedup``) ran
-#: it more than this many times as fast as the kernel route (with the probe off, the
-#: ratio is 1.0 and the kernel route stays). Where it did, it beat
-#: both the kernel route and the lowered network on the 17 such layers of the nine
-#: networks at N = 4 (0.94-1.05x of stock BackPACK's same route, against 1.05-1.38x
-#: for what ``auto`` took before), and in blocks at N = 8 and 16 (0.73-0.97x of the
-#: kernel route on five layers). On a single sample, the kernel route was as fast.
+#: Many-channel Conv2d layers take the higher-order convolution for one vector of
+#: several samples where the host probe (``host.higher_conv_speedup``) ran it more
+#: than this many times as fast as the kernel route (with the probe off, the ratio is
+#: 1.0 and the kernel route stays): unstrided ones above ``SMALL_MAP`` output
+#: positions, strided ones without padding from ``STRIDED_MAP`` on. Where it did, it
+#: beat both the kernel route and the lowered network on the 17 unstrided such layers
+#: of the nine networks at N = 4 (0.94-1.05x of stock BackPACK's same route, against
+#: 1.05-1.38x for what ``auto`` took before), and in blocks at N = 8 and 16
+#: (0.73-0.97x of the kernel route on five layers); on Inception's two unpadded
+#: stride-2 35x35 layers 0.84-1.02x against the kernel route's 0.94-1.14x. Strided
+#: padded layers lost with it (0.92-1.8x against 0.6-0.76x), as did small maps; on a
+#: single sample, the kernel route was as fast.
 HIGHER_CONV_MARGIN = 1.0
 
 

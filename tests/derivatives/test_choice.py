@@ -256,8 +256,8 @@ def test_auto_batch_l2_rules(module_fn, shape, expected, fragment):
 
 #: (layer, input shape, probe result, expected choice) for per-sample gradients:
 #: the higher-order convolution where the host probe ran it faster than the kernel
-#: route, on unstrided many-channel maps of more than ``SMALL_MAP`` positions
-#: and several samples.
+#: route, on many-channel maps of several samples with more than ``SMALL_MAP``
+#: positions, or strided without padding from ``STRIDED_MAP`` positions on.
 PROBE_RULE_CASES = [
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1.2, "higher_conv"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 0.5, "kernel"),
@@ -265,6 +265,9 @@ PROBE_RULE_CASES = [
     (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1.0, "tn_lowered"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 17, 17), 1.2, "kernel"),
     (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (4, 64, 34, 34), 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 0.5, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 17, 17), 1.2, "tn_lowered"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 8, 8), 1.2, "tn_lowered"),
     (lambda: nn.Conv2d(64, 64, (7, 1), padding=(3, 0)), (4, 64, 17, 17), 1.2, "kernel"),
 ]
