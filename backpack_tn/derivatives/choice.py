@@ -406,8 +406,13 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if vectors == 1:
         return _one_vector_rule(spec, strided, samples)
     channels = spec.in_channels // spec.groups
+    many = spec.num_positions >= MANY_POSITIONS
+    if many and not strided and channels > FEW_CHANNELS:
+        probed = _probed_rule(spec, vectors, samples, strided)
+        if probed is not None:
+            return probed
     if samples == 1 and channels > FEW_CHANNELS:
-        if spec.num_positions >= MANY_POSITIONS:
+        if many:
             return "kernel", (
                 f"one sample, {vectors} vectors on {spec.num_positions} output"
                 " positions: the convolution kernel's weight gradient with the"
@@ -526,22 +531,9 @@ def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str,
     if (few or len(spec.patterns) == 1) and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, 1, None)
     if channels > FEW_CHANNELS and len(spec.patterns) == 2:
-        unpadded = all(p.is_unpadded for p in spec.patterns)
-        large = (
-            (positions >= STRIDED_MAP and unpadded)
-            if strided
-            else positions > SMALL_MAP
-        )
-        if large and samples > 1 and _higher_conv_applies(spec):
-            speedup = host.higher_conv_speedup()
-            if speedup > HIGHER_CONV_MARGIN:
-                return "higher_conv", (
-                    f"one vector, {samples} samples, {positions} output positions,"
-                    f"{' strided without padding,' if strided else ''}"
-                    f" {channels} input channels: on this host the higher-order"
-                    f" convolution ran {speedup:.2f}x as fast as the convolution"
-                    " kernel's weight gradient (host probe)"
-                )
+        probed = _probed_rule(spec, 1, samples, strided)
+        if probed is not None:
+            return probed
         medium = (
             positions <= MEDIUM_MAP
             and channels >= MANY_CHANNELS
@@ -568,6 +560,43 @@ def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str,
     return "kernel", _KERNEL_REASON
 
 
+def _probed_rule(
+    spec: LayerSpec, vectors: int, samples: int, strided: bool
+) -> tuple[str, str] | None:
+    """The higher-order convolution, where the host probe ran it faster than kernels.
+
+    For ungrouped Conv2d layers with more than ``FEW_CHANNELS`` input channels, more
+    than one (vector, sample) pair, and more than ``SMALL_MAP`` output positions
+    (strided: without padding, from ``STRIDED_MAP`` on); see ``HIGHER_CONV_MARGIN``.
+
+    Returns:
+        The implementation key and the reason, or ``None`` where the rules decide.
+    """
+    positions = spec.num_positions
+    if strided:
+        large = positions >= STRIDED_MAP and all(p.is_unpadded for p in spec.patterns)
+    else:
+        large = positions > SMALL_MAP
+    if not (
+        large
+        and vectors * samples > 1
+        and spec.groups == 1
+        and spec.in_channels > FEW_CHANNELS
+        and len(spec.patterns) == 2
+        and _higher_conv_applies(spec)
+    ):
+        return None
+    speedup = host.higher_conv_speedup()
+    if speedup <= HIGHER_CONV_MARGIN:
+        return None
+    return "higher_conv", (
+        f"{vectors} vector(s) of {samples} sample(s), {positions} output positions,"
+        f"{' strided without padding,' if strided else ''} {spec.in_channels} input"
+        f" channels: on this host the higher-order convolution ran {speedup:.2f}x as"
+        " fast as the convolution kernel's weight gradient (host probe)"
+    )
+
+
 #: Many-channel Conv2d layers take the higher-order convolution for one vector of
 #: several samples where the host probe (``host.higher_conv_speedup``) ran it more
 #: than this many times as fast as the kernel route (with the probe off, the ratio is
@@ -579,7 +608,10 @@ def _one_vector_rule(spec: LayerSpec, strided: bool, samples: int) -> tuple[str,
 #: (0.73-0.97x of the kernel route on five layers); on Inception's two unpadded
 #: stride-2 35x35 layers 0.84-1.02x against the kernel route's 0.94-1.14x. Strided
 #: padded layers lost with it (0.92-1.8x against 0.6-0.76x), as did small maps; on a
-#: single sample, the kernel route was as fast.
+#: single sample, the kernel route was as fast. Several vectors (GGN diagonals, V =
+#: 10) take it from ``MANY_POSITIONS`` on, unstrided, where the kernel route was the
+#: rule: on four such layers 0.74-0.91x of the fastest reference at N = 1 (kernels
+#: 0.88-1.06x) and 0.80-0.97x at N = 8 (kernels 0.97-1.12x).
 HIGHER_CONV_MARGIN = 1.0
 
 

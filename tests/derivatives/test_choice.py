@@ -254,33 +254,49 @@ def test_auto_batch_l2_rules(module_fn, shape, expected, fragment):
     assert fragment in reason
 
 
-#: (layer, input shape, probe result, expected choice) for per-sample gradients:
+#: (layer, input shape, vectors, probe result, expected weight-VJP evaluation):
 #: the higher-order convolution where the host probe ran it faster than the kernel
 #: route, on many-channel maps of several samples with more than ``SMALL_MAP``
 #: positions, or strided without padding from ``STRIDED_MAP`` positions on.
 PROBE_RULE_CASES = [
-    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1.2, "higher_conv"),
-    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 0.5, "kernel"),
-    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1.05, "higher_conv"),
-    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1.0, "tn_lowered"),
-    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 17, 17), 1.2, "kernel"),
-    (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (4, 64, 34, 34), 1.2, "kernel"),
-    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 1.2, "higher_conv"),
-    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 0.5, "kernel"),
-    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 17, 17), 1.2, "tn_lowered"),
-    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 8, 8), 1.2, "tn_lowered"),
-    (lambda: nn.Conv2d(64, 64, (7, 1), padding=(3, 0)), (4, 64, 17, 17), 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1, 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 17, 17), 1, 0.5, "kernel"),
+    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1, 1.05, "higher_conv"),
+    (lambda: nn.Conv2d(96, 192, 3, padding=1), (4, 96, 16, 16), 1, 1.0, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 17, 17), 1, 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (4, 64, 34, 34), 1, 1.2, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 1, 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 35, 35), 1, 0.5, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (4, 64, 17, 17), 1, 1.2, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (4, 64, 8, 8), 1, 1.2, "tn_lowered"),
+    (
+        lambda: nn.Conv2d(64, 64, (7, 1), padding=(3, 0)),
+        (4, 64, 17, 17),
+        1,
+        1.2,
+        "kernel",
+    ),
+    # several vectors: unstrided, from MANY_POSITIONS on
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 10, 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 10, 0.5, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 24, 24), 10, 1.2, "higher_conv"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 16, 16), 10, 1.2, "unfold"),
+    (lambda: nn.Conv2d(64, 64, 3, 2), (2, 64, 49, 49), 10, 1.2, "kernel"),
 ]
 
 
-@pytest.mark.parametrize("module_fn, shape, speedup, expected", PROBE_RULE_CASES)
-def test_auto_follows_host_probe(module_fn, shape, speedup, expected):
-    """The host probe's result moves unstrided many-channel layers between routes."""
+@pytest.mark.parametrize(
+    "module_fn, shape, vectors, speedup, expected", PROBE_RULE_CASES
+)
+def test_auto_follows_host_probe(module_fn, shape, vectors, speedup, expected):
+    """The host probe's result moves many-channel layers between routes."""
     torch.manual_seed(0)
     module, x = module_fn(), torch.randn(shape)
     set_host_probe(False, speedup)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(vectors, *module.output.shape)
     key, reason = Conv2DDerivativesTN().explain(
-        "weight_jac_t_mat_prod", module, **_tensors(module, x, "weight_jac_t_mat_prod")
+        "weight_jac_t_mat_prod", module, **tensors
     )
     assert key == expected, reason
     if key == "higher_conv":
