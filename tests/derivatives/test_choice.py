@@ -304,10 +304,15 @@ def test_auto_follows_host_probe(module_fn, shape, vectors, speedup, expected):
 
 
 def test_host_probe_measures_once_and_can_be_turned_off():
-    """The probe times both routes once per process; off, the ratio is neutral."""
+    """The probe times both routes once per process; off, the ratio is neutral.
+
+    It leaves the global random state as it found it.
+    """
     assert host.higher_conv_speedup() == 1.0
     set_host_probe(True)
+    state = torch.get_rng_state()
     measured = host.higher_conv_speedup()
+    assert torch.equal(torch.get_rng_state(), state)
     assert 0.0 < measured < float("inf")
     assert host.higher_conv_speedup() == measured
     set_host_probe(False)
