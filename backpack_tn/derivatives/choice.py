@@ -65,14 +65,15 @@ configuration and keeps the fastest (like cuDNN's benchmark mode).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from functools import partial
 from math import prod
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
+from backpack_tn._timing import fastest_times
 from backpack_tn.derivatives import host, plans
 from backpack_tn.derivatives.implementations import (
     IMPLEMENTATIONS,
@@ -821,29 +822,26 @@ _RULES: dict[str, Callable] = {
 def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
     key = (op, spec, _signature(tensors))
     if key not in _TUNED:
-        timings = {}
+        candidates = {}
         for name, fn in IMPLEMENTATIONS[op].items():
             if name.removesuffix(SQUARE) in STOCK_WEIGHT_VJP:
                 try:  # stock routes compete only where they are right
                     check_stock_strategy(module, spec, name.removesuffix(SQUARE))
                 except NotImplementedError:
                     continue
-            timings[name] = _time(fn, module, spec, name, tensors)
+            candidates[name] = partial(_call, fn, module, spec, name, tensors)
+        timings = fastest_times(candidates, AUTOTUNE_ROUNDS)
         _TUNED[key] = min(timings, key=timings.get)
     return _TUNED[key], "fastest candidate measured for this configuration"
 
 
-def _time(fn, module, spec, name, tensors) -> float:
-    def run():
-        with torch.no_grad():
-            fn(module, spec, name, **tensors)
-        if tensors["x" if "x" in tensors else "mat"].is_cuda:
-            torch.cuda.synchronize()
+#: Timed rounds per candidate when autotuning (the fastest counts).
+AUTOTUNE_ROUNDS = 3
 
-    run()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+def _call(fn: Callable, module: Module, spec: LayerSpec, name: str, tensors: dict):
+    """One call of a candidate, synchronised with its CUDA device."""
+    with torch.no_grad():
+        fn(module, spec, name, **tensors)
+    if tensors["x" if "x" in tensors else "mat"].is_cuda:
+        torch.cuda.synchronize()

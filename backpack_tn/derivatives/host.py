@@ -18,11 +18,12 @@ included).
 from __future__ import annotations
 
 import os
-import time
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from backpack_tn._timing import fastest_times
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
 
@@ -99,12 +100,11 @@ def _fastest_ratio(layer: nn.Conv2d, spec: LayerSpec, x: Tensor, mat: Tensor) ->
         The fastest kernel-route time divided by the fastest higher-order one.
     """
     routes = IMPLEMENTATIONS["weight_jac_t_mat_prod"]
-    best = {"kernel": float("inf"), "higher_conv": float("inf")}
-    for name in best:
-        routes[name](layer, spec, name, x, mat, False)
-    for _ in range(PROBE_ROUNDS):
-        for name in best:
-            start = time.perf_counter()
-            routes[name](layer, spec, name, x, mat, False)
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = fastest_times(
+        {
+            name: partial(routes[name], layer, spec, name, x, mat, False)
+            for name in ("kernel", "higher_conv")
+        },
+        PROBE_ROUNDS,
+    )
     return best["kernel"] / best["higher_conv"]

@@ -16,11 +16,10 @@ transforms, CUDA tensors and other dtypes always take ``bmm``.
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 from torch import Tensor, bmm
+
+from backpack_tn._timing import fastest_times
 
 #: GEMM backends: ``'auto'`` measures, ``'bmm'`` is MKL (cuBLAS on CUDA), and
 #: ``'onednn'`` uses oneDNN for large CPU GEMMs where it can.
@@ -134,18 +133,13 @@ def _onednn_is_faster() -> bool:
     m, k, n = PROBE
     with torch._C.DisableTorchFunction(), torch.no_grad():
         a, b = torch.randn(1, m, k), torch.randn(1, n, k)
-        candidates = {
-            "bmm": lambda: bmm(a, b.transpose(1, 2)),
-            "onednn": lambda: _onednn_bmm(a, b),
-        }
-        for fn in candidates.values():
-            fn()
-        best = dict.fromkeys(candidates, math.inf)
-        for _ in range(PROBE_ROUNDS):  # interleaved: a burst of load hits both
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = fastest_times(
+            {
+                "bmm": lambda: bmm(a, b.transpose(1, 2)),
+                "onednn": lambda: _onednn_bmm(a, b),
+            },
+            PROBE_ROUNDS,
+        )
     return best["onednn"] * MARGIN < best["bmm"]
 
 
