@@ -549,6 +549,17 @@ def _vjp_blocks(spec: LayerSpec, mat: Tensor) -> Iterator[tuple[slice, slice]]:
         step_v, step_n = vectors, max(1, limit // (vectors * one))
     else:
         step_v, step_n = max(1, limit // one), 1
+    yield from _blocks(vectors, samples, step_v, step_n)
+
+
+def _blocks(
+    vectors: int, samples: int, step_v: int, step_n: int
+) -> Iterator[tuple[slice, slice]]:
+    """Blocks of at most ``step_v`` vectors and ``step_n`` samples, split evenly.
+
+    Yields:
+        ``(vectors, samples)`` slices, samples in the outer loop.
+    """
     step_v, step_n = _even(vectors, step_v), _even(samples, step_n)
     for n in range(0, samples, step_n):
         for v in range(0, vectors, step_v):
@@ -739,23 +750,14 @@ def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
         return _stock_call(module, spec, strategy, x, mat, sum_batch)
     pairs = max(1, HIGHER_CONV_GROUPS // spec.groups)
     step_v = _even(vectors, pairs)
-    step_n = _even(samples, max(1, pairs // step_v))
     shape = (vectors, *(() if sum_batch else (samples,)), *spec.weight_shape)
     result = mat.new_zeros(shape) if sum_batch else mat.new_empty(shape)
-    for n in range(0, samples, step_n):
-        for v in range(0, vectors, step_v):
-            part = _stock_call(
-                module,
-                spec,
-                strategy,
-                x[n : n + step_n],
-                mat[v : v + step_v, n : n + step_n],
-                sum_batch,
-            )
-            if sum_batch:
-                result[v : v + step_v].add_(part)
-            else:
-                result[v : v + step_v, n : n + step_n] = part
+    for vs, ns in _blocks(vectors, samples, step_v, max(1, pairs // step_v)):
+        part = _stock_call(module, spec, strategy, x[ns], mat[vs, ns], sum_batch)
+        if sum_batch:
+            result[vs].add_(part)
+        else:
+            result[vs, ns] = part
     return result
 
 
