@@ -125,13 +125,20 @@ def _readable(b: Tensor) -> bool:
 def _onednn_is_faster() -> bool:
     """Time the probe GEMM with both libraries (outside any record).
 
+    The global random state is left as it was: the probe runs on first use, which
+    can be inside the user's backward pass.
+
     Returns:
         Whether oneDNN was faster by ``MARGIN``.
     """
     if not _onednn_available():
         return False
     m, k, n = PROBE
-    with torch._C.DisableTorchFunction(), torch.no_grad():
+    with (
+        torch._C.DisableTorchFunction(),
+        torch.no_grad(),
+        torch.random.fork_rng(devices=[]),
+    ):
         a, b = torch.randn(1, m, k), torch.randn(1, n, k)
         best = fastest_times(
             {

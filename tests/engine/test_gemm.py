@@ -90,11 +90,16 @@ def test_bmm_where_onednn_cannot_serve(backend, monkeypatch):
 
 
 def test_backend_setting(backend):
-    """``'bmm'`` is kept, ``'auto'`` resolves by the probe, others are refused."""
+    """``'bmm'`` is kept, ``'auto'`` resolves by the probe, others are refused.
+
+    The probe leaves the global random state as it found it.
+    """
     gemm.set_gemm_backend("bmm")
     assert gemm.gemm_backend() == "bmm"
     gemm.set_gemm_backend("auto")
+    state = torch.get_rng_state()
     assert gemm.gemm_backend() in ("bmm", "onednn")
+    assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ValueError, match="Unsupported GEMM backend 'mkl'"):
         gemm.set_gemm_backend("mkl")
 
