@@ -124,7 +124,6 @@ def set_host_probe(enabled: bool, speedup: float | None = None):
     """
     host.configure(enabled, speedup)
     _CHOSEN.clear()
-    _TUNED.clear()
     plans.clear_plans()
 
 
@@ -408,7 +407,7 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         return _one_vector_rule(spec, strided, samples)
     channels = spec.in_channels // spec.groups
     many = spec.num_positions >= MANY_POSITIONS
-    if many and not strided and channels > FEW_CHANNELS:
+    if many and not strided:
         probed = _probed_rule(spec, vectors, samples, strided)
         if probed is not None:
             return probed
