@@ -25,6 +25,21 @@ from backpack_tn.derivatives.choice import autotune_enabled, check_strategy, cho
 from backpack_tn.derivatives.implementations import IMPLEMENTATIONS
 from backpack_tn.expressions.layer_spec import LayerSpec, spec_of
 
+#: Arguments of each product, in the order the public methods pass them to
+#: ``_run`` (``explain`` takes the same).
+PRODUCT_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "forward": ("x",),
+    "jac_mat_prod": ("mat",),
+    "jac_t_mat_prod": ("mat",),
+    "weight_jac_mat_prod": ("x", "mat"),
+    "weight_jac_t_mat_prod": ("x", "mat", "sum_batch"),
+    "weight_diag_ggn": ("x", "mat", "sum_batch"),
+    "weight_batch_l2": ("x", "mat"),
+    "unfold_input": ("x",),
+    "kfac_expand": ("x",),
+    "kfac_reduce": ("x",),
+}
+
 
 def _flags(tensors: dict) -> tuple:
     """The non-tensor arguments of a product (part of its plan's key).
@@ -145,14 +160,46 @@ class TNDerivativesMixin:
         """Which evaluation ``op`` gets for this layer, and why.
 
         Args:
-            op: A product name, e.g. ``'weight_jac_t_mat_prod'``.
+            op: A product name, one of ``PRODUCT_ARGUMENTS`` (the keys of
+                ``IMPLEMENTATIONS``), e.g. ``'weight_jac_t_mat_prod'``.
             module: A layer with ``input0`` and ``output`` set.
-            **tensors: The product's tensor arguments, as ``_run`` receives them.
+            **tensors: The product's arguments (``PRODUCT_ARGUMENTS[op]``). ``x``
+                defaults to ``module.input0`` and ``sum_batch`` to ``True``;
+                ``mat`` (``[V, N, *output_shape[1:]]``, or ``[V, N,
+                *input_shape[1:]]`` for ``jac_mat_prod`` and
+                ``weight_jac_mat_prod``'s ``[V, *weight_shape]``) is needed where
+                the product takes one.
 
         Returns:
             The evaluation's name and a one-sentence reason.
+
+        Raises:
+            ValueError: If ``op`` is unknown, or an argument is missing or not
+                one of the product's.
         """
-        return choose(op, module, self._spec(module), self.strategy, tensors)
+        if op not in PRODUCT_ARGUMENTS:
+            raise ValueError(
+                f"{type(self).__name__}.explain got unknown product {op!r}."
+                f" Supported: {sorted(PRODUCT_ARGUMENTS)}."
+            )
+        spec = self._spec(module)
+        names = PRODUCT_ARGUMENTS[op]
+        unknown = sorted(set(tensors) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}.explain({op!r}) got arguments {unknown},"
+                f" which {op!r} does not take. It takes: {list(names)}."
+            )
+        defaults = {"x": module.input0, "sum_batch": True}
+        missing = [n for n in names if n not in tensors and n not in defaults]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.explain({op!r}) needs {missing} for"
+                f" {type(module).__name__}: the vectors the product would"
+                " multiply, as BackPACK passes them (leading vector dimension V)."
+            )
+        arguments = {n: tensors[n] if n in tensors else defaults[n] for n in names}
+        return choose(op, module, spec, self.strategy, arguments)
 
     @staticmethod
     def _spec(module: Module) -> LayerSpec:

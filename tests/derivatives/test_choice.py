@@ -12,7 +12,8 @@ from backpack_tn.derivatives import (
     choice,
     host,
 )
-from backpack_tn.derivatives.implementations import is_grouped_strided
+from backpack_tn.derivatives.base import PRODUCT_ARGUMENTS
+from backpack_tn.derivatives.implementations import IMPLEMENTATIONS, is_grouped_strided
 from test_problems import references
 from test_problems.compare import assert_allclose_report
 
@@ -122,6 +123,44 @@ def test_auto_rules(module_fn, shape, op, expected):
     key, reason = Conv2DDerivativesTN().explain(op, module, **_tensors(module, x, op))
     assert key == expected, reason
     assert reason
+
+
+def test_product_arguments_cover_every_product():
+    """``explain`` knows the arguments of every product there is an evaluation of."""
+    assert set(PRODUCT_ARGUMENTS) == set(IMPLEMENTATIONS)
+
+
+def test_explain_defaults_the_input_and_sum_batch():
+    """Without ``x`` and ``sum_batch``, ``explain`` uses ``input0`` and ``True``."""
+    torch.manual_seed(0)
+    module, x = nn.Conv2d(16, 6, 3), torch.randn(2, 16, 20, 20)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    explicit = Conv2DDerivativesTN().explain(
+        "weight_diag_ggn", module, **{**tensors, "sum_batch": True}
+    )
+    implicit = Conv2DDerivativesTN().explain(
+        "weight_diag_ggn", module, mat=tensors["mat"]
+    )
+    assert implicit == explicit
+
+
+#: (product, arguments, words the error must contain)
+EXPLAIN_ERROR_CASES = [
+    ("weight_ggn", {}, ["unknown product", "'weight_ggn'", "weight_diag_ggn"]),
+    ("weight_diag_ggn", {}, ["needs ['mat']", "Conv2d"]),
+    ("kfac_reduce", {"mat": None}, ["['mat']", "does not take", "['x']"]),
+]
+
+
+@pytest.mark.parametrize("op, arguments, words", EXPLAIN_ERROR_CASES)
+def test_explain_rejects_bad_arguments(op, arguments, words):
+    """Unknown products and missing or foreign arguments raise a clear error."""
+    module, x = nn.Conv2d(4, 6, 3), torch.randn(2, 4, 8, 8)
+    module.input0, module.output = x, module(x).detach()
+    with pytest.raises(ValueError) as info:
+        Conv2DDerivativesTN().explain(op, module, **arguments)
+    for word in words:
+        assert word in str(info.value), str(info.value)
 
 
 #: (layer, input shape, number of vectors, expected weight-VJP evaluation)
