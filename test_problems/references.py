@@ -390,3 +390,23 @@ def unfolded_input(module: Module, x: Tensor) -> Tensor:
     # [(c, k), N, G, O] -> [N, (G, c, k), O]
     out = out.reshape(c_in_g, num_k, n, groups, -1).permute(2, 3, 0, 1, 4)
     return out.reshape(n, c_in * num_k, -1)
+
+
+def kfac_input_factor(module: Module, x: Tensor, approx: str) -> Tensor:
+    """Kronecker input factor of a (transpose) convolution from its unfolded input.
+
+    Args:
+        module: ``ConvNd`` or ``ConvTransposeNd`` layer.
+        x: Input of shape ``[N, C_in, *I]``.
+        approx: ``'expand'`` (sum over output positions) or ``'reduce'`` (mean over
+            them first).
+
+    Returns:
+        The factor of shape ``[G, C_in // G * prod(K)] * 2``, divided by ``N``.
+    """
+    unfolded = unfolded_input(module, x).unflatten(1, (module.groups, -1))
+    n = x.shape[0]
+    if approx == "reduce":
+        mean = unfolded.mean(-1)  # [N, G, B * K]
+        return torch.einsum("ngi,ngj->gij", mean, mean) / n
+    return torch.einsum("ngir,ngjr->gij", unfolded, unfolded) / n

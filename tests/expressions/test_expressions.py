@@ -84,22 +84,6 @@ def test_simplified_equals_unsimplified(layer_problem: Problem, name: str):
         )
 
 
-def _reference_factor(problem: Problem, approx: str) -> Tensor:
-    """Kronecker input factor from the reference unfolded input.
-
-    Returns:
-        The factor of shape ``[G, C_in // G * prod(K)] * 2``.
-    """
-    spec = spec_of(problem.module)
-    unfolded = references.unfolded_input(problem.module, problem.x)
-    unfolded = unfolded.unflatten(1, (spec.groups, -1))  # [N, G, B*K, R]
-    n = problem.x.shape[0]
-    if approx == "reduce":
-        mean = unfolded.mean(-1)
-        return torch.einsum("ngi,ngj->gij", mean, mean) / n
-    return torch.einsum("ngir,ngjr->gij", unfolded, unfolded) / n
-
-
 def test_fold_is_adjoint_of_unfold(conv_problem: Problem):
     """<fold(U), x> = <U, unfold(x)> for random patches U."""
     spec = spec_of(conv_problem.module)
@@ -123,7 +107,7 @@ def test_kfac_input_factor_definition(conv_problem: Problem, approx: str):
     module = {"expand": kfac_expand, "reduce": kfac_reduce}[approx]
     equation, operands, shape = module.einsum_expression(spec, conv_problem.x)
     actual = torch.einsum(equation, *operands).reshape(shape)
-    expected = _reference_factor(conv_problem, approx)
+    expected = references.kfac_input_factor(conv_problem.module, conv_problem.x, approx)
     assert_allclose_report(actual, expected, name=approx, **conv_problem.tols)
 
 
