@@ -76,13 +76,18 @@ from torch.nn import Module
 from backpack_tn._timing import fastest_times
 from backpack_tn.derivatives import host, plans
 from backpack_tn.derivatives.implementations import (
+    APPLIES,
     IMPLEMENTATIONS,
     SQUARE,
     STOCK_WEIGHT_VJP,
     TN_STRATEGIES,
     check_stock_strategy,
+    lag_applies,
+    lag_zeros,
     prepare,
 )
+from backpack_tn.engine import lag_gram
+from backpack_tn.engine.gram import num_blocks
 from backpack_tn.engine.network import flops
 from backpack_tn.expressions import (
     weight_batch_l2,
@@ -776,16 +781,60 @@ def _gpu_squared_rule(
     return f"{vjp_key}{SQUARE}", f"on GPU, {reason}; VJPs: {vjp_reason}"
 
 
+#: Input channels per group from which the lagged products' GEMMs (``[C, M] @ [M,
+#: C]``) run at full speed; below, their narrow results waste it (32x28x28 5x5 at
+#: N = 8: 1.25x the Gram matrix's time).
+LAG_MIN_CHANNELS = 64
+#: The lagged products must cost less than this fraction of the Gram matrix.
+LAG_MARGIN = 0.8
+
+
 def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     what = (
         "input"
         if spec.kind == "linear"
         else "unfolded input (a strided view, one copy)"
     )
+    samples = tensors["x"].shape[0]
+    gram_cost = _gram_cost(spec, samples)
+    if (
+        lag_applies(spec)
+        and not _on_gpu(tensors)
+        and spec.in_channels // spec.groups >= LAG_MIN_CHANNELS
+    ):
+        sizes = tuple(p.padded_size for p in spec.patterns)
+        lag_cost = lag_gram.cost(
+            sizes,
+            spec.kernel_size,
+            tuple(p.dilation for p in spec.patterns),
+            spec.in_channels // spec.groups,
+            spec.groups,
+            samples,
+            lag_zeros(spec),
+        )
+        if lag_cost < LAG_MARGIN * gram_cost:
+            return "lag", (
+                f"unit strides: lagged products of the padded input and border"
+                f" corrections ({lag_cost:.3g} weighted multiply-adds) cost less"
+                f" than the Gram matrix of the unfolded input ({gram_cost:.3g})"
+            )
     return "tn_lowered", (
         f"the Gram matrix of the {what}: GEMMs for its upper block triangle only"
         " where that saves FLOPs"
     )
+
+
+def _gram_cost(spec: LayerSpec, samples: int) -> float:
+    """Multiply-adds of the Gram matrices of the unfolded input, in blocks.
+
+    Returns:
+        ``G * R² * M`` times the blocks' share, ``R = C_in // G * prod(K)`` rows
+        and ``M = N * prod(O)`` columns.
+    """
+    rows = spec.in_channels // spec.groups * prod(spec.kernel_size)
+    columns = samples * spec.num_positions
+    blocks = num_blocks(rows, columns, spec.groups)
+    return spec.groups * rows**2 * columns * (blocks + 1) / (2 * blocks)
 
 
 def _kfac_reduce_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
@@ -823,6 +872,8 @@ def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
     if key not in _TUNED:
         candidates = {}
         for name, fn in IMPLEMENTATIONS[op].items():
+            if name in APPLIES and not APPLIES[name](spec):
+                continue
             if name.removesuffix(SQUARE) in STOCK_WEIGHT_VJP:
                 try:  # stock routes compete only where they are right
                     check_stock_strategy(module, spec, name.removesuffix(SQUARE))

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.nn import Module, functional
 
+from backpack_tn.engine import lag_gram
 from backpack_tn.engine.contract import contract
 from backpack_tn.engine.gemm import linear
 from backpack_tn.engine.gram import gram
@@ -190,6 +191,59 @@ def _tn_kfac_expand(module, spec, strategy, x):
         return evaluate(*kfac_expand.tensor_network(spec, x), strategy)
     positions = spec.spatial_legs("out")
     return _input_gram(spec, strategy, x, positions).div_(x.shape[0])
+
+
+def lag_applies(spec: LayerSpec) -> bool:
+    """Whether the KFAC-expand factor can come from lagged products (``"lag"``).
+
+    Returns:
+        ``True`` for convolutions (not transposed) with unit strides in every
+        dimension and a kernel larger than ``1`` in some.
+    """
+    return (
+        spec.kind == "conv"
+        and all(p.stride == 1 for p in spec.patterns)
+        and any(p.kernel_size > 1 for p in spec.patterns)
+    )
+
+
+def lag_zeros(spec: LayerSpec) -> tuple[tuple[int, int], ...]:
+    """Zero padding per spatial dimension (none where another mode pads).
+
+    Returns:
+        ``(P_left, P_right)`` per dimension, ``(0, 0)`` for non-zero modes.
+    """
+    return tuple(
+        p.padding if p.padding_mode == "zeros" else (0, 0) for p in spec.patterns
+    )
+
+
+def _lag_kfac_expand(module, spec, strategy, x):
+    """KFAC-expand factor of a unit-stride convolution from lagged products.
+
+    See :mod:`backpack_tn.engine.lag_gram`: the two index patterns of the factor's
+    network, contracted over output positions, leave ``2 K - 1`` lags per dimension
+    and border corrections instead of ``K²`` pairs.
+
+    Returns:
+        The factor of shape ``[G, C_in // G * prod(K)] * 2``.
+
+    Raises:
+        NotImplementedError: If the layer is no unit-stride convolution.
+    """
+    if not lag_applies(spec):
+        raise NotImplementedError(
+            f"The lagged-product KFAC-expand factor needs a convolution with unit"
+            f" strides and a kernel larger than 1; {type(module).__name__} has"
+            f" kind {spec.kind!r}, stride {tuple(p.stride for p in spec.patterns)}"
+            f" and kernel_size {spec.kernel_size}."
+        )
+    dims = {2 + i: pattern for i, pattern in enumerate(spec.patterns)}
+    padded = pad(x, dims).unflatten(1, (spec.groups, -1))  # [N, G, C_in // G, *Q]
+    dilation = tuple(p.dilation for p in spec.patterns)
+    return lag_gram.unfolded_gram(
+        padded, spec.kernel_size, dilation, lag_zeros(spec)
+    ).div_(x.shape[0])
 
 
 def _tn_kfac_reduce(module, spec, strategy, x):
@@ -867,6 +921,10 @@ WEIGHT_VJP: dict[str, Callable] = {
     **dict.fromkeys(STOCK_WEIGHT_VJP, _stock_weight_jac_t_mat_prod),
 }
 
+#: Evaluations that only some layers admit, with the test of a layer (``auto`` and
+#: autotuning offer them only there).
+APPLIES: dict[str, Callable[[LayerSpec], bool]] = {"lag": lag_applies}
+
 #: op -> strategy -> evaluation(module, spec, strategy, **tensors)
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "forward": {
@@ -895,6 +953,9 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
         **{f"{s}{SQUARE}": _vjp_batch_l2 for s in WEIGHT_VJP},
     },
     "unfold_input": dict.fromkeys(TN_STRATEGIES, _tn_unfold_input),
-    "kfac_expand": dict.fromkeys(TN_STRATEGIES, _tn_kfac_expand),
+    "kfac_expand": {
+        **dict.fromkeys(TN_STRATEGIES, _tn_kfac_expand),
+        "lag": _lag_kfac_expand,
+    },
     "kfac_reduce": dict.fromkeys(TN_STRATEGIES, _tn_kfac_reduce),
 }

@@ -100,6 +100,30 @@ RULE_CASES = [
         "kernel",
     ),
     (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "kfac_expand", "tn_lowered"),
+    (
+        lambda: nn.Conv2d(64, 8, 3, padding=1),
+        (8, 64, 32, 32),
+        "kfac_expand",
+        "lag",
+    ),
+    (
+        lambda: nn.Conv2d(64, 8, 3, stride=2, padding=1),
+        (8, 64, 32, 32),
+        "kfac_expand",
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(32, 8, 3, padding=1),
+        (8, 32, 32, 32),
+        "kfac_expand",
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(96, 8, 3, padding=1),
+        (8, 96, 6, 6),
+        "kfac_expand",
+        "tn_lowered",
+    ),
     (lambda: nn.Conv1d(4, 6, 5), (2, 4, 1024), "kfac_reduce", "tn_lowered"),
     (lambda: nn.Conv2d(4, 6, 3), (2, 4, 8, 8), "kfac_reduce", "tn"),
 ]

@@ -14,6 +14,7 @@ from pytest import FixtureRequest, fixture, mark, raises, skip
 from torch import Tensor, nn, randn
 
 from backpack_tn.derivatives import STRATEGIES, implementations
+from backpack_tn.expressions.layer_spec import spec_of
 from test_problems import references
 from test_problems.cases import Problem
 from test_problems.compare import assert_allclose_report
@@ -583,6 +584,27 @@ def test_get_unfolded_input(conv_problem: Problem, strategy: str):
     assert_allclose_report(
         result, expected, name="get_unfolded_input", **conv_problem.tols
     )
+
+
+def test_lag_kfac_expand(conv_problem: Problem):
+    """Lagged products give the KFAC-expand factor of unit-stride convolutions.
+
+    Other layers are refused with an error that names the layer's strides.
+
+    Args:
+        conv_problem: Convolution problem.
+    """
+    module, x = conv_problem.module, conv_problem.x
+    spec = spec_of(module)
+    lag = implementations.IMPLEMENTATIONS["kfac_expand"]["lag"]
+    if not implementations.lag_applies(spec):
+        with raises(NotImplementedError, match=r"unit strides.* stride \("):
+            lag(module, spec, "lag", x=x)
+        return
+    result = lag(module, spec, "lag", x=x)
+    expected = references.kfac_input_factor(module, x, "expand")
+    assert_allclose_report(result, expected, name="lag", **conv_problem.tols)
+    assert torch.equal(result, result.transpose(1, 2))
 
 
 @mark.parametrize("layer_type", TN_DERIVATIVES, ids=lambda t: t.__name__)

@@ -12,8 +12,9 @@ from pytest import fixture, mark, skip
 from torch import Tensor
 from torch.func import vmap
 
-from backpack_tn.derivatives import implementations, plans, set_autotune
+from backpack_tn.derivatives import choice, implementations, plans, set_autotune
 from backpack_tn.engine import contract
+from backpack_tn.expressions.layer_spec import spec_of
 from test_problems.cases import Problem
 from test_problems.compare import assert_allclose_report
 from test_problems.registry import tn_derivatives_class
@@ -102,6 +103,33 @@ def test_replay_matches_eager(layer_problem: Problem, strategy: str, product):
         ("replayed on new vectors", again, expected[1]),
     ]:
         assert_allclose_report(result, reference, name=name, **layer_problem.tols)
+
+
+def test_lag_factor_replay_matches_eager(conv_problem: Problem, monkeypatch):
+    """The lagged-product KFAC-expand factor is recorded and replayed exactly.
+
+    ``auto`` is made to pick it wherever it applies. Records of large kernels are
+    refused (too many calls) and stay eager.
+
+    Args:
+        conv_problem: Convolution problem.
+        monkeypatch: Pytest fixture.
+    """
+    module = conv_problem.module
+    spec = spec_of(module)
+    if not implementations.lag_applies(spec):
+        skip("lagged products need unit strides")
+    monkeypatch.setattr(choice, "_CHOSEN", {})
+    monkeypatch.setitem(choice._RULES, "kfac_expand", lambda *_: ("lag", "forced"))
+    derivatives = _derivatives(conv_problem, "auto")
+    product = dict(PRODUCTS)["kfac_expand"]
+    plans.set_replay(False)
+    expected = _call(product, derivatives, module, 0)
+    plans.set_replay(True)
+    recorded = _call(product, derivatives, module, 0)
+    replayed = _call(product, derivatives, module, 0)
+    for name, result in [("recorded", recorded), ("replayed", replayed)]:
+        assert_allclose_report(result, expected, name=name, **conv_problem.tols)
 
 
 def test_tn_products_are_replayed(conv_problem: Problem):
