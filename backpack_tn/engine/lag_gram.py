@@ -59,7 +59,7 @@ def unfolded_gram(
     Raises:
         ValueError: If the sizes do not match or leave no output position.
     """
-    samples, groups, channels, *sizes = padded.shape
+    _, groups, channels, *sizes = padded.shape
     if not len(sizes) == len(kernel_size) == len(dilation):
         raise ValueError(
             f"unfolded_gram got an input with spatial sizes {tuple(sizes)}, kernel"
@@ -72,12 +72,7 @@ def unfolded_gram(
             f"unfolded_gram got spatial sizes {tuple(sizes)}, kernel size"
             f" {kernel_size} and dilation {dilation}: no output position."
         )
-    nonzero = [
-        (lead, size - trail)
-        for (lead, trail), size in zip(
-            zeros or [(0, 0)] * len(sizes), sizes, strict=True
-        )
-    ]
+    nonzero = _nonzero(zeros, sizes)
     flat = _FlatInput(padded, spans)
     lags = _lagged_products(flat, kernel_size, dilation)
     outputs = [size - span for size, span in zip(sizes, spans, strict=True)]
@@ -89,10 +84,10 @@ def unfolded_gram(
             slice(size - 1 - ki, 2 * size - 1 - ki)
             for size, ki in zip(kernel_size, k, strict=True)
         )
-        row = lags[(..., *window)].clone()  # [G, C, C', *K']
+        row = gram[(slice(None), slice(None), *k)]  # [G, C, C', *K']
+        row.copy_(lags[(..., *window)])
         for box in _outside(k, kernel_size, dilation, outputs, nonzero):
             row -= _box_products(flat, box, k, kernel_size, dilation)
-        gram[(slice(None), slice(None), *k)] = row
     rows = channels * math.prod(kernel_size)
     gram = gram.reshape(groups, rows, rows)
     # the corrections leave the two mirrored blocks equal up to rounding
@@ -138,10 +133,7 @@ def cost(
     lags = (math.prod(2 * k - 1 for k in kernel_size) + 1) // 2
     lagged = lags * channels**2 * samples * (math.prod(sizes) + margin)
     outputs = [q - s for q, s in zip(sizes, spans, strict=True)]
-    nonzero = [
-        (lead, q - trail)
-        for (lead, trail), q in zip(zeros or [(0, 0)] * len(sizes), sizes, strict=True)
-    ]
+    nonzero = _nonzero(zeros, list(sizes))
     boxes = [
         box
         for k in itertools.product(*map(range, kernel_size))
@@ -155,6 +147,20 @@ def cost(
         groups * (lagged + BORDER_PENALTY * borders + ASSEMBLY_MACS * entries)
         + CALL_MACS * calls
     )
+
+
+def _nonzero(
+    zeros: tuple[tuple[int, int], ...] | None, sizes: list[int]
+) -> list[tuple[int, int]]:
+    """Range of positions per dimension that are not zero padding.
+
+    Returns:
+        ``(start, stop)`` per spatial dimension.
+    """
+    zeros = zeros or [(0, 0)] * len(sizes)
+    return [
+        (lead, size - trail) for (lead, trail), size in zip(zeros, sizes, strict=True)
+    ]
 
 
 class _FlatInput:
