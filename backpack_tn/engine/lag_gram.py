@@ -98,8 +98,12 @@ def unfolded_gram(
 #: their multiply-adds count this many times those of the lagged products (2 CPU
 #: cores: 28 against 78 GMAC/s on a 96x34x34 input).
 BORDER_PENALTY = 3
-#: Cost of assembling and symmetrising the result, in multiply-adds per entry.
-ASSEMBLY_MACS = 200
+#: Cost of assembling and symmetrising the result, in multiply-adds per entry (2 CPU
+#: cores: 2.4 ms for 0.8 M entries, 19 ms for 5.3 M) ...
+ASSEMBLY_MACS = 300
+#: ... and twice that from this many entries on, where each of the result's copies
+#: is a fresh map whose pages fault on first touch (93 ms for 12 M entries).
+LARGE_RESULT = 2**23
 #: Cost of one GEMM call of either kind, in multiply-adds (about 30 µs).
 CALL_MACS = 3 * 10**6
 
@@ -142,11 +146,9 @@ def cost(
     positions = sum(math.prod(b - a for a, b in box) for box in boxes)
     borders = positions * math.prod(kernel_size) * channels**2 * samples
     entries = (channels * math.prod(kernel_size)) ** 2
+    assembly = ASSEMBLY_MACS * entries * (2 if groups * entries >= LARGE_RESULT else 1)
     calls = lags + len(boxes)
-    return (
-        groups * (lagged + BORDER_PENALTY * borders + ASSEMBLY_MACS * entries)
-        + CALL_MACS * calls
-    )
+    return groups * (lagged + BORDER_PENALTY * borders + assembly) + CALL_MACS * calls
 
 
 def _nonzero(
