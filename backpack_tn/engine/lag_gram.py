@@ -76,22 +76,29 @@ def unfolded_gram(
     flat = _FlatInput(padded, spans)
     lags = _lagged_products(flat, kernel_size, dilation)
     outputs = [size - span for size, span in zip(sizes, spans, strict=True)]
-    # [G, C, *K, C', *K'], filled one block row (one k) at a time
-    gram = padded.new_empty(groups, channels, *kernel_size, channels, *kernel_size)
+    # [G, C, *K, C', *K'], filled one block row (one k) at a time, only for
+    # k'_h >= k_h along the dimension h of the largest kernel (half of the blocks
+    # with k'_h = k_h): the result is this plus its transpose, which also makes it
+    # exactly symmetric
+    half = max(range(len(kernel_size)), key=kernel_size.__getitem__)
+    gram = padded.new_zeros(groups, channels, *kernel_size, channels, *kernel_size)
     for k in itertools.product(*map(range, kernel_size)):
-        # lags D (k' - k) for all k': a contiguous slice of the lag grid
+        # lags D (k' - k) for those k': a contiguous slice of the lag grid
         window = tuple(
-            slice(size - 1 - ki, 2 * size - 1 - ki)
-            for size, ki in zip(kernel_size, k, strict=True)
+            slice(size - 1 - ki + (ki if i == half else 0), 2 * size - 1 - ki)
+            for i, (size, ki) in enumerate(zip(kernel_size, k, strict=True))
         )
-        row = gram[(slice(None), slice(None), *k)]  # [G, C, C', *K']
-        row.copy_(lags[(..., *window)])
+        later = [
+            slice(k[half], None) if i == half else slice(None) for i in range(len(k))
+        ]
+        row = gram[(slice(None), slice(None), *k, slice(None), *later)]
+        row.copy_(lags[(..., *window)])  # [G, C, C', *K'], K'_h from k_h on
         for box in _outside(k, kernel_size, dilation, outputs, nonzero):
-            row -= _box_products(flat, box, k, kernel_size, dilation)
+            row -= _box_products(flat, box, k, half, kernel_size, dilation)
+        row.select(3 + half, 0).mul_(0.5)
     rows = channels * math.prod(kernel_size)
     gram = gram.reshape(groups, rows, rows)
-    # the corrections leave the two mirrored blocks equal up to rounding
-    return (gram + gram.transpose(1, 2)).mul_(0.5)
+    return gram + gram.transpose(1, 2)
 
 
 #: The border corrections' GEMMs are narrow and copy their lagged operand first:
@@ -138,13 +145,15 @@ def cost(
     lagged = lags * channels**2 * samples * (math.prod(sizes) + margin)
     outputs = [q - s for q, s in zip(sizes, spans, strict=True)]
     nonzero = _nonzero(zeros, list(sizes))
+    half = max(range(len(kernel_size)), key=kernel_size.__getitem__)
+    others = math.prod(kernel_size) // kernel_size[half]
     boxes = [
-        box
+        (box, kernel_size[half] - k[half])
         for k in itertools.product(*map(range, kernel_size))
         for box in _outside(k, kernel_size, dilation, outputs, nonzero)
     ]
-    positions = sum(math.prod(b - a for a, b in box) for box in boxes)
-    borders = positions * math.prod(kernel_size) * channels**2 * samples
+    products = sum(math.prod(b - a for a, b in box) * offsets for box, offsets in boxes)
+    borders = products * others * channels**2 * samples
     entries = (channels * math.prod(kernel_size)) ** 2
     assembly = ASSEMBLY_MACS * entries * (2 if groups * entries >= LARGE_RESULT else 1)
     calls = lags + len(boxes)
@@ -277,13 +286,22 @@ def _box_products(
     flat: _FlatInput,
     box: list[tuple[int, int]],
     k: tuple[int, ...],
+    half: int,
     kernel_size: tuple[int, ...],
     dilation: tuple[int, ...],
 ) -> Tensor:
-    """``Σ_n Σ_{q ∈ box} y[q] y[q + D (k' - k)]ᵀ`` for all ``k'``.
+    """``Σ_n Σ_{q ∈ box} y[q] y[q + D (k' - k)]ᵀ`` for all ``k'`` with ``k'_h >= k_h``.
+
+    Args:
+        flat: The input.
+        box: ``(start, stop)`` per spatial dimension.
+        k: Kernel offset of the block row.
+        half: The dimension ``h`` whose offsets start at ``k_h``.
+        kernel_size: ``K`` per spatial dimension.
+        dilation: ``D`` per spatial dimension.
 
     Returns:
-        Tensor of shape ``[G, C, C', *K']``.
+        Tensor of shape ``[G, C, C', *K']`` with ``K_h - k_h`` offsets along ``h``.
     """
     spatial = [
         (stop - start, stride)
@@ -291,12 +309,13 @@ def _box_products(
     ]
     start = sum(s * t for (s, _), t in zip(box, flat.strides, strict=True))
     left = flat.view(start, [(flat.samples, flat.period), *spatial])
+    offsets = [0 if i == half else ki for i, ki in enumerate(k)]
     first = -sum(
-        d * ki * t for d, ki, t in zip(dilation, k, flat.strides, strict=True)
-    )  # the lag of k' = 0
+        d * ki * t for d, ki, t in zip(dilation, offsets, flat.strides, strict=True)
+    )  # the lag of the first k'
+    sizes = [size - (k[i] if i == half else 0) for i, size in enumerate(kernel_size)]
     lags = [
-        (size, d * t)
-        for size, d, t in zip(kernel_size, dilation, flat.strides, strict=True)
+        (size, d * t) for size, d, t in zip(sizes, dilation, flat.strides, strict=True)
     ]
     partner = flat.view(start + first, [*lags, (flat.samples, flat.period), *spatial])
     groups, channels = left.shape[:2]
@@ -304,5 +323,5 @@ def _box_products(
     # [G, *K', C', N, *box]: the copy reads whole rows of the box
     partner = partner.movedim(1, 1 + dims).reshape(groups, -1, left[0, 0].numel())
     products = gemm_nt(left.reshape(groups, channels, -1), partner)
-    products = products.view(groups, channels, *kernel_size, channels)
+    products = products.view(groups, channels, *sizes, channels)
     return products.movedim(-1, 2)  # [G, C, C', *K']
