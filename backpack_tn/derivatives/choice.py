@@ -800,13 +800,13 @@ def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         if spec.kind == "linear"
         else "unfolded input (a strided view, one copy)"
     )
-    samples = tensors["x"].shape[0]
-    gram_cost = _gram_cost(spec, samples)
     if (
         lag_applies(spec)
         and not _on_gpu(tensors)
         and spec.in_channels // spec.groups >= LAG_MIN_CHANNELS
     ):
+        samples = tensors["x"].shape[0]
+        gram_cost = _gram_cost(spec, samples)
         sizes = tuple(p.padded_size for p in spec.patterns)
         lag_cost = lag_gram.cost(
             sizes,
