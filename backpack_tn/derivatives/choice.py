@@ -781,16 +781,24 @@ def _gpu_squared_rule(
     return f"{vjp_key}{SQUARE}", f"on GPU, {reason}; VJPs: {vjp_reason}"
 
 
-#: Input channels per group from which the lagged products' GEMMs (``[C, M] @ [M,
-#: C]``) run at full speed; below, their narrow results waste it (32x28x28 5x5 at
-#: N = 8: 1.25x the Gram matrix's time).
-LAG_MIN_CHANNELS = 64
+#: Layers with fewer input channels per group take the lagged products only with
+#: kernels of at most ``LAG_SMALL_KERNEL`` entries. Each GEMM call then runs one tiny
+#: GEMM per group, and 7x7 kernels need 85 lags and about 150 border boxes: ConvNeXt's
+#: depthwise 256x28x28 and 512x14x14 7x7 layers took 1.43x and 3.18x the Gram
+#: matrix's time at N = 8 (the cost model counts multiply-adds, not calls per group).
+LAG_MIN_CHANNELS = 32
+#: See ``LAG_MIN_CHANNELS``; depthwise 3x3 layers gained most (MobileNetV2's
+#: 144x56x56 and 32x112x112 at N = 8: 0.18x and 0.17x of the Gram matrix's time).
+LAG_SMALL_KERNEL = 9
 #: The lagged products must cost less than this multiple of the Gram matrix's
 #: multiply-adds. The weighted cost model is conservative: on 18 3x3 layers at
 #: N = 8 and 32 (2 cores, C = 96-512, maps 7x7-56x56), every layer whose cost ratio
 #: was below 1.1 measured 0.44-0.85x of the Gram matrix's time (192x16x16 at N = 8:
 #: 1.01 -> 0.74x; 384x13x13 at N = 32: 1.05 -> 0.85x), and those above it 0.91-3.0x
-#: (384x13x13 at N = 8: 1.59 -> 1.41x, 256x13x13: 1.24 -> 1.02x).
+#: (384x13x13 at N = 8: 1.59 -> 1.41x, 256x13x13: 1.24 -> 1.02x). The same held on
+#: 16 layers with 1-64 channels per group, depthwise included: below 1.1, 0.25-0.72x
+#: (64x56x56 depthwise 3x3: 0.81 -> 0.25x; 3x224x224: 0.43 -> 0.33x); above,
+#: 1.3-4.9x (8x32x32: 2.1 -> 1.3x; 32x14x14 5x5: 1.4 -> 1.8x).
 LAG_MARGIN = 1.1
 
 
@@ -800,10 +808,11 @@ def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         if spec.kind == "linear"
         else "unfolded input (a strided view, one copy)"
     )
+    channels = spec.in_channels // spec.groups
     if (
         lag_applies(spec)
         and not _on_gpu(tensors)
-        and spec.in_channels // spec.groups >= LAG_MIN_CHANNELS
+        and (channels >= LAG_MIN_CHANNELS or prod(spec.kernel_size) <= LAG_SMALL_KERNEL)
     ):
         samples = tensors["x"].shape[0]
         gram_cost = _gram_cost(spec, samples)

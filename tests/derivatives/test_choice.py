@@ -113,8 +113,20 @@ RULE_CASES = [
         "tn_lowered",
     ),
     (
-        lambda: nn.Conv2d(32, 8, 3, padding=1),
-        (8, 32, 32, 32),
+        lambda: nn.Conv2d(8, 8, 3, padding=1),
+        (8, 8, 32, 32),
+        "kfac_expand",
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        (8, 64, 56, 56),
+        "kfac_expand",
+        "lag",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 7, padding=3, groups=64),
+        (8, 64, 28, 28),
         "kfac_expand",
         "tn_lowered",
     ),
