@@ -821,7 +821,7 @@ def _kfac_expand_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             sizes,
             spec.kernel_size,
             tuple(p.dilation for p in spec.patterns),
-            spec.in_channels // spec.groups,
+            channels,
             spec.groups,
             samples,
             lag_zeros(spec),

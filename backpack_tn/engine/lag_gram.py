@@ -80,7 +80,7 @@ def unfolded_gram(
     # k'_h >= k_h along the dimension h of the largest kernel (half of the blocks
     # with k'_h = k_h): the result is this plus its transpose, which also makes it
     # exactly symmetric
-    half = max(range(len(kernel_size)), key=kernel_size.__getitem__)
+    half = _halved(kernel_size)
     gram = padded.new_zeros(groups, channels, *kernel_size, channels, *kernel_size)
     for k in itertools.product(*map(range, kernel_size)):
         # lags D (k' - k) for those k': a contiguous slice of the lag grid
@@ -139,13 +139,12 @@ def cost(
         The cost, comparable with the multiply-adds of one GEMM.
     """
     spans = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
-    strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
-    margin = sum(s * t for s, t in zip(spans, strides, strict=True))
+    _, margin = _flat_layout(list(sizes), spans)
     lags = (math.prod(2 * k - 1 for k in kernel_size) + 1) // 2
     lagged = lags * channels**2 * samples * (math.prod(sizes) + margin)
     outputs = [q - s for q, s in zip(sizes, spans, strict=True)]
     nonzero = _nonzero(zeros, list(sizes))
-    half = max(range(len(kernel_size)), key=kernel_size.__getitem__)
+    half = _halved(kernel_size)
     others = math.prod(kernel_size) // kernel_size[half]
     boxes = [
         (box, kernel_size[half] - k[half])
@@ -158,6 +157,25 @@ def cost(
     assembly = ASSEMBLY_MACS * entries * (2 if groups * entries >= LARGE_RESULT else 1)
     calls = lags + len(boxes)
     return groups * (lagged + BORDER_PENALTY * borders + assembly) + CALL_MACS * calls
+
+
+def _flat_layout(sizes: list[int], spans: list[int]) -> tuple[list[int], int]:
+    """Flat strides of the spatial dimensions and the zeros kept around samples.
+
+    Returns:
+        The stride per dimension, and the margin: the largest flat shift of a lag.
+    """
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+    return strides, sum(s * t for s, t in zip(spans, strides, strict=True))
+
+
+def _halved(kernel_size: tuple[int, ...]) -> int:
+    """The dimension of the largest kernel, whose block rows start at the diagonal.
+
+    Returns:
+        Its index.
+    """
+    return max(range(len(kernel_size)), key=kernel_size.__getitem__)
 
 
 def _nonzero(
@@ -190,8 +208,7 @@ class _FlatInput:
     def __init__(self, padded: Tensor, spans: list[int]):
         samples, groups, channels, *sizes = padded.shape
         self.samples, self.sizes = samples, sizes
-        self.strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
-        self.margin = sum(s * t for s, t in zip(spans, self.strides, strict=True))
+        self.strides, self.margin = _flat_layout(sizes, spans)
         total = math.prod(sizes)
         self.period = total + self.margin
         self.data = padded.new_zeros(
