@@ -372,12 +372,79 @@ def is_grouped_strided(module: Module) -> bool:
     return 1 < groups < module.in_channels and any(s > 1 for s in module.stride)
 
 
+#: On CPU, input VJPs of a convolution through its kernels run in blocks of vectors
+#: and samples whose inputs and output gradients take at most this many bytes, on
+#: layers that ``input_vjp_step`` names. oneDNN's transposed convolution slowed
+#: down per sample once one call's operands outgrew the caches: for 80 vectors
+#: (10 of 8 samples, as DiagGGNExact sends them), blocks took 0.58x of one call's
+#: time on All-CNN-C's 96x32x32 stride-2 layer, 0.75x on ResNet18's 64x56x56 and
+#: 0.3-0.7x on MobileNetV2's 56x56 and 112x112 layers (2-core AMD EPYC).
+INPUT_VJP_BLOCK_BYTES = 8 * 2**20
+#: Blocks pay off only on large maps with small kernels. Each block reorders the
+#: weight again, and on maps below 32x32 positions the blocks were 2-30% slower
+#: (Inception's 17x17 and 8x8, ResNeXt's 14x14 layers with up to 8 MiB weights).
+INPUT_VJP_BLOCK_POSITIONS = 1024
+INPUT_VJP_BLOCK_WEIGHT_BYTES = 2**20
+#: ... and on samples of at least this many bytes (inputs plus output gradients).
+INPUT_VJP_BLOCK_SAMPLE_BYTES = 2**19
+
+
+def input_vjp_step(spec: LayerSpec, mat: Tensor) -> int:
+    """Vectors and samples per call of a convolution's input-VJP kernel.
+
+    Args:
+        spec: Layer description.
+        mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
+
+    Returns:
+        ``V * N`` (one call) on CUDA, for Linear and transposed convolutions, on
+        maps below ``INPUT_VJP_BLOCK_POSITIONS``, for weights above
+        ``INPUT_VJP_BLOCK_WEIGHT_BYTES`` and for samples below
+        ``INPUT_VJP_BLOCK_SAMPLE_BYTES``; else the even step whose blocks take at
+        most ``INPUT_VJP_BLOCK_BYTES``.
+    """
+    total = mat.shape[0] * mat.shape[1]
+    size = mat.element_size()
+    sample = (math.prod(spec.input_shape()[1:]) + mat[0, 0].numel()) * size
+    if (
+        mat.is_cuda
+        or spec.kind != "conv"
+        or math.prod(spec.input_spatial) < INPUT_VJP_BLOCK_POSITIONS
+        or math.prod(spec.weight_shape) * size > INPUT_VJP_BLOCK_WEIGHT_BYTES
+        or sample < INPUT_VJP_BLOCK_SAMPLE_BYTES
+    ):
+        return total
+    return _even(total, max(1, INPUT_VJP_BLOCK_BYTES // sample))
+
+
 def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
-    flat, weight = mat.flatten(0, 1), module.weight.detach()
+    flat = mat.flatten(0, 1)
+    step = input_vjp_step(spec, mat)
+    if step == len(flat):
+        return _kernel_input_vjp(module, spec, flat).unflatten(0, mat.shape[:2])
+    result = flat.new_empty(len(flat), *spec.input_shape()[1:])
+    for start in range(0, len(flat), step):
+        block = flat[start : start + step]
+        result[start : start + step].copy_(_kernel_input_vjp(module, spec, block))
+    return result.unflatten(0, mat.shape[:2])
+
+
+def _kernel_input_vjp(module, spec, flat):
+    """Input VJPs through the layer's kernels, in one call.
+
+    Args:
+        module: The layer.
+        spec: Its description.
+        flat: Vectors of shape ``[B, *output_shape[1:]]``.
+
+    Returns:
+        The VJPs, of shape ``[B, *input_shape[1:]]``.
+    """
+    weight = module.weight.detach()
     dims = len(spec.patterns)
     if spec.kind == "linear":
-        result = linear(flat, weight.T)
-    elif spec.kind == "conv" and has_even_zero_padding(module, spec):
+        return linear(flat, weight.T)
+    if spec.kind == "conv" and has_even_zero_padding(module, spec):
         hyperparameters = {
             "stride": module.stride,
             "padding": tuple(p.padding[0] for p in spec.patterns),
@@ -387,17 +454,16 @@ def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
         if is_grouped_strided(module):
             # oneDNN's transposed convolution can be several times slower here
             size = (flat.shape[0], *spec.input_shape()[1:])
-            result = _CONV_INPUT_GRAD[dims](size, weight, flat, **hyperparameters)
-            return result.unflatten(0, mat.shape[:2])
+            return _CONV_INPUT_GRAD[dims](size, weight, flat, **hyperparameters)
         # the transposed convolution, with the output padding that restores I
-        result = _CONV_TRANSPOSE[dims](
+        return _CONV_TRANSPOSE[dims](
             flat,
             weight,
             None,
             output_padding=tuple(_unused_inputs(p) for p in spec.patterns),
             **hyperparameters,
         )
-    elif spec.kind == "conv_transpose":
+    if spec.kind == "conv_transpose":
         result = _CONV[dims](
             flat,
             weight,
@@ -409,12 +475,12 @@ def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
         )
         for d, size in enumerate(spec.input_spatial):
             result = result.narrow(2 + d, 0, size)
-    else:  # padding modes, uneven 'same': differentiate the layer's own forward
-        f = layer_function(module, spec)
-        zeros = flat.new_zeros(flat.shape[0], *spec.input_shape()[1:])
-        _, vjp_fn = vjp(lambda x: f(x, weight), zeros)
-        (result,) = vjp_fn(flat)
-    return result.unflatten(0, mat.shape[:2])
+        return result
+    # padding modes, uneven 'same': differentiate the layer's own forward
+    f = layer_function(module, spec)
+    zeros = flat.new_zeros(flat.shape[0], *spec.input_shape()[1:])
+    _, vjp_fn = vjp(lambda x: f(x, weight), zeros)
+    return vjp_fn(flat)[0]
 
 
 def _kernel_weight_jac_mat_prod(module, spec, strategy, x, mat):

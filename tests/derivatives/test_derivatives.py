@@ -6,6 +6,7 @@ product of BackPACK's public derivatives API, for every strategy in
 the random vectors and their references are computed once per case and product.
 """
 
+import math
 import re
 from collections.abc import Callable
 
@@ -480,6 +481,47 @@ def test_higher_conv_in_blocks(
     monkeypatch.setattr(implementations, "HIGHER_CONV_BLOCK_INPUT", 1)
     _check_weight_vjps(
         conv_problem, "higher_conv", _randn(3, *module.output.shape, like=x)
+    )
+
+
+#: Blocks of the kernel route's input VJPs, in bytes from one vector's input and
+#: output bytes: one vector per call, or two and the rest.
+INPUT_VJP_BLOCKS = {
+    "one-vector": lambda sample: 1,
+    "two-vectors": lambda sample: 2 * sample,
+}
+
+
+@mark.parametrize("budget", INPUT_VJP_BLOCKS.values(), ids=INPUT_VJP_BLOCKS.keys())
+def test_kernel_input_vjps_in_blocks(
+    layer_problem: Problem, budget: Callable, monkeypatch
+):
+    """Input VJPs of the kernel route are the same in any blocks of vectors.
+
+    The rule's bounds are lifted, so every convolution takes blocks on CPU.
+
+    Args:
+        layer_problem: Layer problem.
+        budget: Block size in bytes, from one vector's input and output bytes.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    mat = _randn(3, *module.output.shape, like=x)
+    sample = (x[0].numel() + mat[0, 0].numel()) * x.element_size()
+    monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_BYTES", budget(sample))
+    monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_POSITIONS", 1)
+    monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_WEIGHT_BYTES", math.inf)
+    monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_SAMPLE_BYTES", 0)
+    spec = spec_of(module, x.shape, module.output.shape)
+    total = 3 * x.shape[0]
+    blocked = spec.kind == "conv" and not x.is_cuda
+    expected_step = min(total, max(1, budget(sample) // sample)) if blocked else total
+    assert implementations.input_vjp_step(spec, mat) == expected_step
+    derivatives = _tn_derivatives(layer_problem, "kernel")
+    expected = references.jac_t_mat_prod(module, x, mat)
+    result = derivatives.jac_t_mat_prod(module, None, None, mat)
+    assert_allclose_report(
+        result, expected, name="jac_t_mat_prod", **layer_problem.tols
     )
 
 

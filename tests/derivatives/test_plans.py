@@ -199,6 +199,10 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         "VJP_BLOCK_BYTES_GPU",
         "KERNEL_BLOCK_BYTES",
         "INPUT_PRODUCT_BLOCK_BYTES",
+        "INPUT_VJP_BLOCK_BYTES",
+        "INPUT_VJP_BLOCK_POSITIONS",
+        "INPUT_VJP_BLOCK_WEIGHT_BYTES",
+        "INPUT_VJP_BLOCK_SAMPLE_BYTES",
     ],
 )
 def test_block_budgets_are_settings(budget: str, monkeypatch):
