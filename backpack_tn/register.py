@@ -13,10 +13,14 @@ from typing import TypeVar
 
 from backpack import extensions as stock
 from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNLoss
+from backpack.extensions.secondorder.hbp.losses import HBPLoss
+from torch.nn import CrossEntropyLoss
 
 from backpack_tn.derivatives import DERIVATIVES
 from backpack_tn.derivatives.base import TNDerivativesMixin
 from backpack_tn.derivatives.choice import check_strategy
+from backpack_tn.derivatives.losses import CrossEntropyLossDerivativesTN
 from backpack_tn.extensions import curvmatprod, first_order, hbp, second_order
 
 Factory = Callable[[TNDerivativesMixin], object]
@@ -43,6 +47,21 @@ REGISTRY: dict[type, Factory] = {
     stock.PCHMP: curvmatprod.pchmp,
 }
 
+#: Stock extension class -> loss module -> factory of its module extension, for the
+#: extensions that backpropagate the exact square root of the loss Hessian: the
+#: cross-entropy's has ``C - 1`` vectors instead of ``C`` (see
+#: :mod:`backpack_tn.derivatives.losses`). ``SqrtGGNExact`` keeps stock BackPACK's,
+#: as the square root is its result.
+LOSS_REGISTRY: dict[type, dict[type, Callable[[], object]]] = {
+    stock.DiagGGNExact: {
+        CrossEntropyLoss: lambda: DiagGGNLoss(CrossEntropyLossDerivativesTN())
+    },
+    stock.BatchDiagGGNExact: {
+        CrossEntropyLoss: lambda: DiagGGNLoss(CrossEntropyLossDerivativesTN())
+    },
+    stock.KFLR: {CrossEntropyLoss: lambda: HBPLoss(CrossEntropyLossDerivativesTN())},
+}
+
 Extension = TypeVar("Extension", bound=BackpropExtension)
 
 
@@ -50,8 +69,10 @@ def use_tn(extension: Extension, strategy: str = "auto") -> Extension:
     """Compute an extension's Linear/Conv/ConvTranspose quantities by tensor networks.
 
     Stock module extensions of these layers are replaced by TN ones; user-written
-    module extensions keep their code but get TN derivatives. All other layers
-    keep BackPACK's module extensions.
+    module extensions keep their code but get TN derivatives. The exact GGN
+    extensions (``LOSS_REGISTRY``) backpropagate a cross-entropy Hessian square
+    root of ``C - 1`` vectors instead of ``C``. All other layers keep BackPACK's
+    module extensions.
 
     Args:
         extension: A BackPACK extension instance, stock or user-written.
@@ -71,7 +92,7 @@ def use_tn(extension: Extension, strategy: str = "auto") -> Extension:
             f" got {extension!r} of type {type(extension).__name__}."
         )
     check_strategy(strategy, "use_tn")
-    factory = _factory(extension)
+    factory = _registered(REGISTRY, extension)
     module_extensions = extension._BackpropExtension__module_extensions
     for layer, derivatives_cls in DERIVATIVES.items():
         derivatives = derivatives_cls(strategy=strategy)
@@ -83,15 +104,19 @@ def use_tn(extension: Extension, strategy: str = "auto") -> Extension:
             for attribute in ("derivatives", "_derivatives"):
                 if hasattr(current, attribute):
                     setattr(current, attribute, derivatives)
+    for loss, make in _registered(LOSS_REGISTRY, extension, {}).items():
+        current = module_extensions.get(loss)
+        if current is not None and _is_stock(current):
+            extension.set_module_extension(loss, make(), overwrite=True)
     extension.tn_strategy = strategy
     return extension
 
 
-def _factory(extension: BackpropExtension) -> Factory | None:
+def _registered(registry: dict, extension: BackpropExtension, default=None):
     for cls in type(extension).__mro__:
-        if cls in REGISTRY:
-            return REGISTRY[cls]
-    return None
+        if cls in registry:
+            return registry[cls]
+    return default
 
 
 def _is_stock(module_extension) -> bool:
