@@ -81,7 +81,7 @@ def unfolded_gram(
     # with k'_h = k_h): the result is this plus its transpose, which also makes it
     # exactly symmetric
     half = _halved(kernel_size)
-    gram = padded.new_zeros(groups, channels, *kernel_size, channels, *kernel_size)
+    gram = padded.new_empty(groups, channels, *kernel_size, channels, *kernel_size)
     for k in itertools.product(*map(range, kernel_size)):
         # lags D (k' - k) for those k': a contiguous slice of the lag grid
         window = tuple(
@@ -96,9 +96,40 @@ def unfolded_gram(
         for box in _outside(k, kernel_size, dilation, outputs, nonzero):
             row -= _box_products(flat, box, k, half, kernel_size, dilation)
         row.select(3 + half, 0).mul_(0.5)
-    rows = channels * math.prod(kernel_size)
-    gram = gram.reshape(groups, rows, rows)
-    return gram + gram.transpose(1, 2)
+    return _symmetrised(gram, half)
+
+
+def _symmetrised(gram: Tensor, half: int) -> Tensor:
+    """The filled half plus its transpose, in place, one block of offsets at a time.
+
+    Blocks ``(k_h, k'_h)`` with ``k'_h > k_h`` hold their final values, the ones
+    below are copied from their transposes, and the diagonal ones (halved) are
+    added to their own transposes: no second result and no transposed pass over
+    all of it.
+
+    Args:
+        gram: Tensor of shape ``[G, C, *K, C', *K']`` filled for ``k'_h >= k_h``.
+        half: The dimension ``h``.
+
+    Returns:
+        The symmetric result, of shape ``[G, C * prod(K), C * prod(K)]``.
+    """
+    groups, channels = gram.shape[:2]
+    dims = (gram.dim() - 3) // 2
+    # [G, K_h, C, *K without h, K'_h, C', *K' without h]
+    blocks = gram.movedim(2 + half, 1).movedim(3 + dims + half, 2 + dims)
+    swap = [0, *range(1 + dims, 1 + 2 * dims), *range(1, 1 + dims)]
+    size = gram.shape[2 + half]
+    for a in range(size):
+        row = blocks.select(1, a)
+        diagonal = row.select(1 + dims, a)
+        diagonal.add_(diagonal.permute(swap).clone())
+        for b in range(a + 1, size):
+            blocks.select(1, b).select(1 + dims, a).copy_(
+                row.select(1 + dims, b).permute(swap)
+            )
+    rows = channels * math.prod(gram.shape[2 : 2 + dims])
+    return gram.reshape(groups, rows, rows)
 
 
 #: The border corrections' GEMMs are narrow and copy their lagged operand first:
