@@ -242,7 +242,7 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(8, 16, 1), (2, 8, 24, 24), 1, "tn"),
     (lambda: nn.Conv2d(64, 16, 1), (2, 64, 24, 24), 10, "tn"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 32, 32), 10, "kernel"),
-    (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 8, 8), 10, "tn"),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 8, 8), 10, "tn_lowered"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 24, 24), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 10, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "unfold"),
