@@ -287,6 +287,16 @@ DEPTHWISE_BYTES = 8 * 2**20
 DEPTHWISE_BYTES_ONE_VECTOR = 16 * 2**20
 #: ... or this many output positions.
 LARGE_DEPTHWISE_MAP = 2048
+#: Depthwise Conv2d layers (groups > 1) with small kernels and several vectors take
+#: the lowered network between these numbers of output positions (exclusive), and
+#: the kernel route from the upper one on when strided. GGN diagonals (V = 10) of
+#: MobileNetV2's 3x3 layers at N = 1, 2 and 8: on 196-784 positions the lowered
+#: network took 0.23-0.96x of the kernel route's time and beat the same-order
+#: convolution and im2col (192x28x28: 0.23-0.25x, same-order convolution
+#: 0.37-1.50x); from 3136 positions on the kernel route was fastest (lowered
+#: 1.0-2.6x, im2col on the 96x112x112 stride-2 layer 1.5-3.0x); on 7x7 maps all
+#: were within 0.8-1.1x of each other.
+DEPTHWISE_LOWERED_POSITIONS = (64, 1024)
 #: Non-overlapping layers with at most this many weight entries per output channel
 #: (``C_in / G * prod(K)``) take the kernel route for several vectors of several
 #: samples on large maps: the GEMM view first copies all vectors sample-major, and
@@ -475,6 +485,20 @@ def _depthwise_rule(
         The evaluation's name and the reason.
     """
     size = prod(spec.kernel_size)
+    if vectors > 1 and spec.groups > 1 and len(spec.patterns) == 2:
+        low, high = DEPTHWISE_LOWERED_POSITIONS
+        if size <= SMALL_KERNEL and low < spec.num_positions < high:
+            return "tn_lowered", (
+                f"depthwise with a {'x'.join(map(str, spec.kernel_size))} kernel,"
+                f" {vectors} vectors on {spec.num_positions} output positions:"
+                f" {_LOWERED_GEMM}"
+            )
+        if size <= SMALL_KERNEL and strided and spec.num_positions >= high:
+            return "kernel", (
+                f"depthwise and strided, {vectors} vectors on {spec.num_positions}"
+                " output positions: the convolution kernel's weight gradient,"
+                " samples as groups"
+            )
     if not strided and size <= SMALL_KERNEL:
         mat = tensors["mat"]
         repeated = vectors * mat.shape[1] * spec.in_channels

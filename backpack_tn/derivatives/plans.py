@@ -65,6 +65,7 @@ def _settings() -> tuple:
         implementations.VJP_BLOCK_BYTES_GPU,
         implementations.KERNEL_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_BYTES,
+        implementations.UNFOLDED_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_POSITIONS,
         implementations.INPUT_VJP_BLOCK_WEIGHT_BYTES,
         implementations.INPUT_VJP_BLOCK_SAMPLE_BYTES,

@@ -213,7 +213,17 @@ VECTOR_RULE_CASES = [
         10,
         "unfold",
     ),
-    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 16, 16), 10, "same_conv"),
+    # several vectors: the lowered network on mid-sized maps, kernels on large
+    # strided ones, the same-order convolution on tiny ones
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 16, 16), 10, "tn_lowered"),
+    (
+        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        (2, 8, 64, 64),
+        10,
+        "kernel",
+    ),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 7, 7), 10, "same_conv"),
+    (lambda: nn.Conv2d(8, 8, 7, padding=3, groups=8), (2, 8, 16, 16), 10, "same_conv"),
     # the same-order convolution's repeated input reaches 8 MiB (V = 10) / 16 MiB
     (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 8, 64, 64), 10, "kernel"),
     (

@@ -417,6 +417,34 @@ def test_squared_vjps_in_blocks(
     assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
 
 
+@mark.parametrize("strategy", ["tn_lowered", "unfold"])
+def test_unfolding_vjps_one_sample_per_block(
+    layer_problem: Problem, strategy: str, monkeypatch
+):
+    """Squared VJPs that unfold the input add up the same with one sample per block.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: A strategy whose per-sample VJPs copy the unfolded input.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    mat = _randn(3, *module.output.shape, like=x)
+    monkeypatch.setattr(implementations, "UNFOLDED_BLOCK_BYTES", 1)
+    spec = spec_of(module, x.shape, module.output.shape)
+    key = f"{strategy}+square"
+    blocks = list(implementations._vjp_blocks(spec, mat, key))
+    if spec.kind != "linear":
+        assert {b.stop - b.start for _, b in blocks} == {1}
+    vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
+    derivatives = _tn_derivatives(layer_problem, strategy)
+    for sum_batch in SUM_BATCH:
+        expected = vjps.square().sum((0, 1) if sum_batch else 0)
+        result = derivatives.weight_diag_ggn(module, mat, sum_batch=sum_batch)
+        name = f"weight_diag_ggn(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+
+
 #: Budgets for the blocks of the kernel route's per-sample VJPs of three vectors, as
 #: a function of one sample's input bytes and one vector's bytes per sample.
 def _check_weight_vjps(problem: Problem, strategy: str, mat: Tensor):

@@ -200,6 +200,7 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         "KERNEL_BLOCK_BYTES",
         "INPUT_PRODUCT_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_BYTES",
+        "UNFOLDED_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_POSITIONS",
         "INPUT_VJP_BLOCK_WEIGHT_BYTES",
         "INPUT_VJP_BLOCK_SAMPLE_BYTES",
