@@ -22,7 +22,7 @@ import opt_einsum
 from opt_einsum.parser import convert_to_valid_einsum_chars
 from torch import Tensor, einsum, stack
 
-from backpack_tn.engine.gemm import gemm_nt
+from backpack_tn.engine.gemm import NARROW_COLUMNS, gemm_nt
 from backpack_tn.engine.gram import gram
 from backpack_tn.engine.layout import by_stride, flat_view
 from backpack_tn.engine.tape import recording
@@ -459,7 +459,11 @@ def _batch_outer_free(sides: list[_Side]):
 
     ``x[v, s, a] y[s, b]`` has no GEMM view of ``x`` (``v`` and ``a`` do not
     merge), but ``x[v]ᵀ y`` for each ``v`` is one: a batched GEMM with ``y``
-    broadcast, which saves copying ``x``. Only for steps whose batch is trivial.
+    broadcast, which saves copying ``x``. Only for steps whose batch is trivial,
+    and only where ``a`` keeps at least ``NARROW_COLUMNS`` entries: the lowered
+    weight VJP of a single sample of a 128x17x17 7x1 layer (10 vectors) batched
+    its 128 input channels into GEMMs of 7 columns, 89 ms at 11 GFLOP/s, where a
+    copy of its 1 MB unfolded input and one GEMM take about 5 ms.
 
     Args:
         sides: Both operands; updated in place where a split works.
@@ -470,6 +474,8 @@ def _batch_outer_free(sides: list[_Side]):
     (side,) = missing
     for split in range(1, len(side.free)):
         outer, rest = side.free[:split], side.free[split:]
+        if math.prod(side.x.shape[d] for d in rest) < NARROW_COLUMNS:
+            return
         mat = _matrices(side.x, side.batch + outer, rest, side.summed)
         if mat is not None:
             side.mat, side.free, side.outer = mat, rest, outer

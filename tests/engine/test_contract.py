@@ -340,3 +340,34 @@ def test_small_steps_take_einsum_outside_records_only(monkeypatch):
     assert refusal is None and not calls
     c, d = torch.randn_like(a), torch.randn_like(b)
     assert_allclose_report(replay(c, d), torch.einsum("nij,njk->nki", c, d))
+
+
+#: (free sizes ``a`` of ``x[v, s, a]``, whether its ``v`` may batch the GEMMs)
+OUTER_FREE_CASES = [(32, True), (7, False)]
+
+
+@pytest.mark.parametrize("inner, batched", OUTER_FREE_CASES)
+def test_outer_free_batches_only_wide_gemms(inner: int, batched: bool):
+    """``x[v, s, a] y[s, b]`` batches over ``v`` only if ``a`` is not narrow.
+
+    Args:
+        inner: Size of ``a``.
+        batched: Whether ``v`` should become the GEMMs' batch.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(inner, 8, 40).permute(1, 2, 0)  # [v, s, a], no GEMM view
+    y = torch.randn(40, 24)
+    step = contract._pairwise("vsa,sb->vab")
+    sides = [
+        contract._Side(x, "vsa", [], [0, 2], [1]),
+        contract._Side(y, "sb", [], [1], [0]),
+    ]
+    for side in sides:
+        side.mat = contract._matrices(side.x, side.batch, side.free, side.summed)
+    assert sides[0].mat is None
+    contract._batch_outer_free(sides)
+    assert (sides[0].mat is not None) == batched
+    assert sides[0].outer == ([0] if batched else [])
+    result = contract._bmm_step(x, y, step)
+    expected = torch.einsum("vsa,sb->vab", x, y)
+    assert_allclose_report(result, expected, rtol=1e-5, atol=1e-5)
