@@ -407,11 +407,7 @@ def test_squared_vjps_in_blocks(
     for bound in ("VJP_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU"):
         monkeypatch.setattr(implementations, bound, budget(one))
     derivatives = _tn_derivatives(layer_problem, strategy)
-    for sum_batch in SUM_BATCH:
-        expected = vjps.square().sum((0, 1) if sum_batch else 0)
-        result = derivatives.weight_diag_ggn(module, mat, sum_batch=sum_batch)
-        name = f"weight_diag_ggn(sum_batch={sum_batch})"
-        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+    _check_ggn_diagonals(layer_problem, derivatives, mat, vjps)
     expected = vjps[:1].square().flatten(2).sum((0, 2))
     result = derivatives.weight_batch_l2(module, mat[0])
     assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
@@ -438,11 +434,23 @@ def test_unfolding_vjps_one_sample_per_block(
         assert {b.stop - b.start for _, b in blocks} == {1}
     vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     derivatives = _tn_derivatives(layer_problem, strategy)
+    _check_ggn_diagonals(layer_problem, derivatives, mat, vjps)
+
+
+def _check_ggn_diagonals(problem: Problem, derivatives, mat: Tensor, vjps: Tensor):
+    """Compare summed and per-sample GGN diagonals with squared reference VJPs.
+
+    Args:
+        problem: Layer problem.
+        derivatives: TN derivatives of the layer.
+        mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
+        vjps: Reference per-sample weight VJPs of shape ``[V, N, *weight_shape]``.
+    """
     for sum_batch in SUM_BATCH:
         expected = vjps.square().sum((0, 1) if sum_batch else 0)
-        result = derivatives.weight_diag_ggn(module, mat, sum_batch=sum_batch)
+        result = derivatives.weight_diag_ggn(problem.module, mat, sum_batch=sum_batch)
         name = f"weight_diag_ggn(sum_batch={sum_batch})"
-        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+        assert_allclose_report(result, expected, name=name, **problem.tols)
 
 
 #: Budgets for the blocks of the kernel route's per-sample VJPs of three vectors, as
