@@ -668,8 +668,9 @@ def _vjp_blocks(
     """Blocks of vectors and samples whose per-sample VJPs fit the block bound.
 
     The bound is ``VJP_BLOCK_BYTES``, or ``VJP_BLOCK_BYTES_GPU`` for CUDA tensors.
-    For the evaluations in ``UNFOLDING_VJPS``, a block's samples' unfolded inputs
-    also stay within ``UNFOLDED_BLOCK_BYTES`` (at least one sample).
+    For the evaluations in ``UNFOLDING_VJPS`` on CPU, a block's samples' unfolded
+    inputs also stay within ``UNFOLDED_BLOCK_BYTES`` (at least one sample); on CUDA,
+    where every block costs its own kernel launches, they do not.
 
     Args:
         spec: Layer description.
@@ -683,7 +684,7 @@ def _vjp_blocks(
     size = mat.element_size()
     one = math.prod(spec.weight_shape) * size
     unfolded = 0
-    if strategy in UNFOLDING_VJPS and spec.kind != "linear":
+    if strategy in UNFOLDING_VJPS and spec.kind != "linear" and not mat.is_cuda:
         unfolded = spec.in_channels * math.prod(spec.kernel_size) * spec.num_positions
         unfolded *= size
     limit = VJP_BLOCK_BYTES_GPU if mat.is_cuda else VJP_BLOCK_BYTES

@@ -430,7 +430,7 @@ def test_unfolding_vjps_one_sample_per_block(
     spec = spec_of(module, x.shape, module.output.shape)
     key = f"{strategy}+square"
     blocks = list(implementations._vjp_blocks(spec, mat, key))
-    if spec.kind != "linear":
+    if spec.kind != "linear" and not x.is_cuda:
         assert {b.stop - b.start for _, b in blocks} == {1}
     vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     derivatives = _tn_derivatives(layer_problem, strategy)
