@@ -52,13 +52,12 @@ REGISTRY: dict[type, Factory] = {
 #: cross-entropy's has ``C - 1`` vectors instead of ``C`` (see
 #: :mod:`backpack_tn.derivatives.losses`). ``SqrtGGNExact`` keeps stock BackPACK's,
 #: as the square root is its result.
+_DIAG_GGN_LOSSES = {
+    CrossEntropyLoss: lambda: DiagGGNLoss(CrossEntropyLossDerivativesTN())
+}
 LOSS_REGISTRY: dict[type, dict[type, Callable[[], object]]] = {
-    stock.DiagGGNExact: {
-        CrossEntropyLoss: lambda: DiagGGNLoss(CrossEntropyLossDerivativesTN())
-    },
-    stock.BatchDiagGGNExact: {
-        CrossEntropyLoss: lambda: DiagGGNLoss(CrossEntropyLossDerivativesTN())
-    },
+    stock.DiagGGNExact: _DIAG_GGN_LOSSES,
+    stock.BatchDiagGGNExact: _DIAG_GGN_LOSSES,
     stock.KFLR: {CrossEntropyLoss: lambda: HBPLoss(CrossEntropyLossDerivativesTN())},
 }
 

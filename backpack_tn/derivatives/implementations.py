@@ -130,14 +130,32 @@ def _tn_input_product(build: Callable, module, spec, strategy, mat):
     if largest <= math.prod(shape) or largest * size <= bound:
         return prepared.contract().reshape(shape)
     step = _even(vectors, max(1, bound * vectors // (largest * size)))
+
+    def product(block: Tensor) -> Tensor:
+        return evaluate(*build(spec, module.weight, block.unsqueeze(0)), strategy)[0]
+
+    return _in_flat_blocks(product, mat, step, shape[2:])
+
+
+def _in_flat_blocks(
+    product: Callable[[Tensor], Tensor], mat: Tensor, step: int, sizes: tuple
+) -> Tensor:
+    """A product of vectors and samples, in blocks of ``step`` of them.
+
+    Args:
+        product: Maps a block of shape ``[B, *mat.shape[2:]]`` to ``[B, *sizes]``.
+        mat: Vectors of shape ``[V, N, ...]``.
+        step: Vectors times samples per block.
+        sizes: Shape of one vector's result.
+
+    Returns:
+        The product of shape ``[V, N, *sizes]``.
+    """
     flat = mat.flatten(0, 1)
-    result = mat.new_empty(vectors, *shape[2:])
-    for start in range(0, vectors, step):
-        block = flat[start : start + step].unsqueeze(0)
-        result[start : start + step] = evaluate(
-            *build(spec, module.weight, block), strategy
-        )[0]
-    return result.view(shape)
+    result = flat.new_empty(len(flat), *sizes)
+    for start in range(0, len(flat), step):
+        result[start : start + step].copy_(product(flat[start : start + step]))
+    return result.unflatten(0, mat.shape[:2])
 
 
 def _tn_jac_mat_prod(module, spec, strategy, mat):
@@ -421,15 +439,11 @@ def input_vjp_step(spec: LayerSpec, mat: Tensor) -> int:
 
 
 def _kernel_jac_t_mat_prod(module, spec, strategy, mat):
-    flat = mat.flatten(0, 1)
     step = input_vjp_step(spec, mat)
-    if step == len(flat):
-        return _kernel_input_vjp(module, spec, flat).unflatten(0, mat.shape[:2])
-    result = flat.new_empty(len(flat), *spec.input_shape()[1:])
-    for start in range(0, len(flat), step):
-        block = flat[start : start + step]
-        result[start : start + step].copy_(_kernel_input_vjp(module, spec, block))
-    return result.unflatten(0, mat.shape[:2])
+    product = partial(_kernel_input_vjp, module, spec)
+    if step == mat.shape[0] * mat.shape[1]:
+        return product(mat.flatten(0, 1)).unflatten(0, mat.shape[:2])
+    return _in_flat_blocks(product, mat, step, spec.input_shape()[1:])
 
 
 def _kernel_input_vjp(module, spec, flat):

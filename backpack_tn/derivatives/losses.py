@@ -37,8 +37,8 @@ def cross_entropy_sqrt_hessian(probs: Tensor) -> Tensor:
     last = tau[:, -1:]
     b = probs / (1 + last)
     b[:, -1:] = last
-    identity = eye(probs.shape[1] - 1, probs.shape[1], dtype=probs.dtype)
-    identity = identity.to(probs.device)
+    classes = probs.shape[1]
+    identity = eye(classes - 1, classes, dtype=probs.dtype, device=probs.device)
     # [C - 1, N, C]
     return identity.unsqueeze(1) * tau - tau[:, :-1].T.unsqueeze(2) * b
 
