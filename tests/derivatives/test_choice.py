@@ -85,6 +85,8 @@ RULE_CASES = [
     (lambda: nn.Conv1d(1, 6, 2, stride=3), (2, 1, 16), "jac_t_mat_prod", "tn"),
     (lambda: nn.Conv2d(16, 6, 1), (2, 16, 8, 8), "jac_t_mat_prod", "tn"),
     (lambda: nn.Conv2d(32, 6, 1), (2, 32, 8, 8), "jac_t_mat_prod", "kernel"),
+    (lambda: nn.Conv2d(192, 32, 1), (2, 192, 35, 35), "jac_t_mat_prod", "kernel"),
+    (lambda: nn.Conv2d(192, 32, 1), (32, 192, 35, 35), "jac_t_mat_prod", "tn"),
     (lambda: nn.Conv2d(64, 8, 1, stride=2), (2, 64, 8, 8), "jac_t_mat_prod", "tn"),
     (
         lambda: nn.Conv2d(512, 8, 1, stride=2),
