@@ -450,11 +450,14 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
                 " positions: PyTorch's im2col kernel on the sample and one GEMM"
             )
     # grouped layers with few channels per group lose with several vectors, and
-    # so do strided ones on a single sample (GGN diagonal of ResNet18's first
-    # layer, V = 10: 15.1 ms against 11.8 ms for the kernels at N = 1, but 72
-    # against 82 ms at N = 4)
+    # so do single samples and strided layers. GGN diagonals (V = 10) on a second
+    # VM of the same kind, higher-order against kernel route: the 3-channel
+    # strided stems of ResNet18, AlexNet, Inception and MobileNetV2 1.35-2.24x at
+    # N = 1-8 (ResNet18's at N = 8: 189 against 113 ms), seven unstrided
+    # few-channel layers at N = 1 0.81-1.93x (geometric mean 1.36x); the first
+    # host ran ResNet18's stem at N = 4 in 72 against 82 ms
     few = channels <= FEW_CHANNELS and spec.groups == 1
-    if few and not (strided and samples == 1) and _higher_conv_applies(spec):
+    if few and not strided and samples > 1 and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, vectors, samples)
     # GGN diagonals (V = 10) of the 32 such layers of the nine networks, squared
     # lowered VJPs against squared dense-pattern ones: 0.89x of their time at N = 4

@@ -258,7 +258,8 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 24, 24), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 10, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "unfold"),
-    (lambda: nn.Conv2d(3, 16, 3, padding=1), (1, 3, 32, 32), 10, "higher_conv"),
+    (lambda: nn.Conv2d(3, 16, 3, padding=1), (1, 3, 32, 32), 10, "kernel"),
+    (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 64, 64), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "kernel"),
     # medium maps with many channels: the lowered network from 4 samples on
     (lambda: nn.Conv2d(64, 96, 3), (4, 64, 14, 14), 1, "tn_lowered"),
