@@ -4,8 +4,9 @@ BLAS has ``syrk`` for this, PyTorch does not expose it. Splitting the rows of
 ``A`` into blocks and multiplying each block row with the blocks from the diagonal
 on saves up to half the FLOPs of one full GEMM (``(b + 1) / 2b`` of them for
 ``b`` blocks); the lower triangle is mirrored from the upper one (also inside the
-diagonal blocks), so the result is exactly symmetric. Small matrices, and products
-bound by writing the result, take one full GEMM; so do products on a GPU below
+diagonal blocks), so the result is exactly symmetric. The copies cost about as much
+as 150 multiply-adds per result entry on CPU, so small matrices, and products with
+few columns, take one full GEMM (:func:`num_blocks`); so do products on a GPU below
 :data:`GPU_MIN_BLOCK_MACS`, where the blocks' extra kernel launches cost more than
 the saved FLOPs.
 """
@@ -20,9 +21,15 @@ from backpack_tn.engine.gemm import gemm_nt, uses_onednn
 MIN_BLOCK_ROWS = 128
 #: Largest number of block rows (more, smaller GEMMs lose efficiency).
 MAX_BLOCKS = 4
-#: Below this many columns the product is bound by writing the result, and the
-#: blocks' extra copies cost more than the FLOPs they save.
-MIN_COLUMNS = 128
+#: Cost of the blocks' copies (each block row into the result, its transpose into
+#: the lower triangle, the diagonal blocks mirrored), in multiply-adds per entry of
+#: the result ...
+BLOCK_ASSEMBLY_MACS = 150
+#: ... and of each block's calls, in multiply-adds. Fitted on a 2-core AMD EPYC VM
+#: (GEMMs at 200 GFLOP/s, float32): blocks took 1.4-2.3x of one GEMM's time with
+#: 128-256 columns and 0.8-0.9x from 1024 columns on 1024-4608 rows; with 256-448
+#: rows (two or three blocks) they broke even only at 2048 columns.
+BLOCK_CALL_MACS = 10**7
 
 
 #: On a GPU, products with fewer multiply-adds (all batches) take one GEMM.
@@ -31,6 +38,10 @@ GPU_MIN_BLOCK_MACS = 1 << 34
 
 def num_blocks(rows: int, columns: int, batch: int = 1, on_gpu: bool = False) -> int:
     """Number of block rows for a Gram matrix of ``A`` with shape ``[rows, columns]``.
+
+    On CPU the number with the fewest multiply-adds, counting ``b`` blocks'
+    GEMMs as ``(b + 1) / 2b`` of one full product plus ``BLOCK_ASSEMBLY_MACS``
+    per result entry and ``BLOCK_CALL_MACS`` per block.
 
     Args:
         rows: Number of rows ``I`` of ``A``.
@@ -41,11 +52,17 @@ def num_blocks(rows: int, columns: int, batch: int = 1, on_gpu: bool = False) ->
     Returns:
         Between 1 and ``MAX_BLOCKS``.
     """
-    if columns < MIN_COLUMNS:
-        return 1
-    if on_gpu and batch * rows * rows * columns < GPU_MIN_BLOCK_MACS:
-        return 1
-    return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
+    most = max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
+    if on_gpu:
+        return 1 if batch * rows * rows * columns < GPU_MIN_BLOCK_MACS else most
+    full = rows * rows * columns
+    assembly = BLOCK_ASSEMBLY_MACS * rows * rows
+    costs = {
+        blocks: full * (blocks + 1) / (2 * blocks) + assembly + BLOCK_CALL_MACS * blocks
+        for blocks in range(2, most + 1)
+    }
+    costs[1] = full
+    return min(costs, key=costs.get)
 
 
 def gram(mat: Tensor) -> Tensor:
