@@ -653,10 +653,14 @@ def _grouped_weight_gradient(module, spec, x, mat, sum_batch):
 
 
 #: Per-sample VJPs are formed in blocks of at most this many bytes, then squared and
-#: summed. glibc serves larger blocks with fresh maps whose pages fault on first
-#: touch on every call (32 MiB is its largest mmap threshold); on a 3x3 layer with
-#: 106 MB of VJPs that cost a third of the time. Blocks also bound the memory.
-VJP_BLOCK_BYTES = 32 * 2**20
+#: summed. glibc serves blocks of its largest mmap threshold (32 MiB) and more with
+#: fresh maps whose pages fault on first touch on every call; on a 3x3 layer with
+#: 106 MB of VJPs that cost a third of the time. Blocks of exactly 32 MiB (two
+#: vectors of a 2048 -> 2048 1x1 layer's 16 MiB weight, four of a 512 -> 1024 2x2
+#: layer's 8 MiB) took 1.3-1.45x of the time of 24 MiB blocks (GGN diagonals, V = 10,
+#: N = 1 and 4); on other large-weight layers 24 and 32 MiB ran alike. Blocks also
+#: bound the memory.
+VJP_BLOCK_BYTES = 24 * 2**20
 
 #: The same bound for CUDA tensors. The caching allocator reuses blocks without page
 #: faults, and every block costs its own kernel launches. H100, N = 32, V = 10,
