@@ -330,7 +330,11 @@ def _contiguous_run(x: Tensor, order: list[int]) -> int:
 
 
 def _copied_matrices(
-    x: Tensor, batch: list[int], free: list[int], contracted: list[int]
+    x: Tensor,
+    batch: list[int],
+    free: list[int],
+    contracted: list[int],
+    result_order: list[int] | None = None,
 ) -> tuple[Tensor, list[int]]:
     """``x`` copied into matrices ``[B, F, C]`` in the cheapest order to copy.
 
@@ -340,17 +344,24 @@ def _copied_matrices(
     innermost kernel leg), the largest dimension goes innermost, since copies with
     a short innermost dimension run up to ten times slower. The free dimensions
     may be reordered, the batch and summed ones not (the other operand shares
-    them).
+    them). A given ``result_order`` is taken as it is (see ``SMALL_COPY_RATIO``).
 
     Args:
         x: An operand.
         batch: Its batch dimensions, outer to inner.
         free: Its free dimensions in memory order (as :func:`by_stride` sorts them).
         contracted: Its summed dimensions, outer to inner.
+        result_order: Its free dimensions in the order the step's result lists
+            them, or ``None``.
 
     Returns:
         The matrices and the order of the free dimensions in them.
     """
+    if result_order is not None:
+        groups = (batch, result_order, contracted)
+        sizes = [math.prod(x.shape[d] for d in group) for group in groups]
+        mat = x.permute(batch + result_order + contracted).contiguous().view(sizes)
+        return mat, result_order
     orders = [free]
     if free:
         biggest = max(free, key=x.shape.__getitem__)
@@ -369,6 +380,13 @@ def _copied_matrices(
     sizes = [math.prod(x.shape[d] for d in group) for group in (batch, outer, inner)]
     mat = x.permute(batch + outer + inner).contiguous().view(sizes)
     return (mat.transpose(1, 2) if free_inner else mat), free
+
+
+#: An operand to copy with at most this fraction of the step result's elements is
+#: copied with its free dimensions in the order of the result, which then needs no
+#: permutation: its consumers (squares and sums of per-sample VJPs, additions into
+#: accumulated blocks) read it in memory order (0 turns this off).
+SMALL_COPY_RATIO = 8
 
 
 def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
@@ -411,10 +429,18 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         _batch_outer_free(sides)
     elif _slicing_pays(sides, slices, step, big):
         return _sliced_step(a, b, step)
+    result_size = slices * math.prod(
+        side.x.shape[d] for side in sides for d in side.outer + side.free
+    )
     for side in sides:
         if side.mat is None:
+            result_order = None
+            if SMALL_COPY_RATIO and side.x.numel() * SMALL_COPY_RATIO <= result_size:
+                result_order = sorted(
+                    side.free, key=lambda d, s=side: step.output.index(s.letters[d])
+                )
             side.mat, side.free = _copied_matrices(
-                side.x, side.batch, side.free, side.summed
+                side.x, side.batch, side.free, side.summed, result_order
             )
     first_free = next((leg for leg in step.output if leg not in step.batch), None)
     if first_free is not None and first_free in step.second:

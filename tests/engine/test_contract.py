@@ -371,3 +371,24 @@ def test_outer_free_batches_only_wide_gemms(inner: int, batched: bool):
     result = contract._bmm_step(x, y, step)
     expected = torch.einsum("vsa,sb->vab", x, y)
     assert_allclose_report(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [contract.SMALL_COPY_RATIO, 0], ids=["on", "off"])
+def test_small_copies_follow_the_result_order(ratio: int, monkeypatch):
+    """A small operand without a GEMM view is copied in the result's leg order.
+
+    ``b[p, i, k]`` is stored ``k``-major, so its free legs ``(i, k)`` do not merge;
+    copied in the result's order, the product ``[v, o, i, k]`` needs no permutation.
+
+    Args:
+        ratio: ``SMALL_COPY_RATIO`` (0: the copy follows ``b``'s memory order).
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    monkeypatch.setattr(contract, "SMALL_COPY_RATIO", ratio)
+    torch.manual_seed(0)
+    a = torch.randn(4, 64, 6, dtype=torch.float64)
+    b = torch.randn(3, 6, 5, dtype=torch.float64).permute(1, 2, 0)
+    assert contract._matrices(b, [], [1, 2], [0]) is None
+    result = contract._bmm_step(a, b, contract._pairwise("vop,pik->voik"))
+    assert_allclose_report(result, torch.einsum("vop,pik->voik", a, b))
+    assert result.is_contiguous() == bool(ratio)
