@@ -344,7 +344,8 @@ def _copied_matrices(
     innermost kernel leg), the largest dimension goes innermost, since copies with
     a short innermost dimension run up to ten times slower. The free dimensions
     may be reordered, the batch and summed ones not (the other operand shares
-    them). A given ``result_order`` is taken as it is (see ``SMALL_COPY_RATIO``).
+    them). A given ``result_order`` fixes the free dimensions' order (see
+    ``SMALL_COPY_RATIO``); only which group goes innermost is then chosen.
 
     Args:
         x: An operand.
@@ -357,13 +358,8 @@ def _copied_matrices(
     Returns:
         The matrices and the order of the free dimensions in them.
     """
-    if result_order is not None:
-        groups = (batch, result_order, contracted)
-        sizes = [math.prod(x.shape[d] for d in group) for group in groups]
-        mat = x.permute(batch + result_order + contracted).contiguous().view(sizes)
-        return mat, result_order
-    orders = [free]
-    if free:
+    orders = [free] if result_order is None else [result_order]
+    if free and result_order is None:
         biggest = max(free, key=x.shape.__getitem__)
         orders.append([d for d in free if d != biggest] + [biggest])
     candidates = []
@@ -387,6 +383,17 @@ def _copied_matrices(
 #: permutation: its consumers (squares and sums of per-sample VJPs, additions into
 #: accumulated blocks) read it in memory order (0 turns this off).
 SMALL_COPY_RATIO = 8
+
+
+def _result_size(sides: list[_Side], slices: int) -> int:
+    """Elements of a GEMM step's result.
+
+    Returns:
+        The step's batch size times both sides' free (and outer free) sizes.
+    """
+    return slices * math.prod(
+        side.x.shape[d] for side in sides for d in side.outer + side.free
+    )
 
 
 def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
@@ -429,13 +436,12 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
         _batch_outer_free(sides)
     elif _slicing_pays(sides, slices, step, big):
         return _sliced_step(a, b, step)
-    result_size = slices * math.prod(
-        side.x.shape[d] for side in sides for d in side.outer + side.free
-    )
     for side in sides:
         if side.mat is None:
             result_order = None
-            if SMALL_COPY_RATIO and side.x.numel() * SMALL_COPY_RATIO <= result_size:
+            if SMALL_COPY_RATIO and side.x.numel() * SMALL_COPY_RATIO <= _result_size(
+                sides, slices
+            ):
                 result_order = sorted(
                     side.free, key=lambda d, s=side: step.output.index(s.letters[d])
                 )
