@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import sys
 
 from backpack_tn.benchmark.models import NETS
 from backpack_tn.benchmark.ops import OP_NAMES, REFERENCE_METHODS
@@ -362,6 +363,13 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     except ValueError as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted. The reports of the cells measured so far, if any,"
+            f" are in {args.out}.",
+            file=sys.stderr,
+        )
+        return 130
     print(summary_table(rows))
     print(
         f"\nWrote {args.out}/results.csv, results.md, settings.json"

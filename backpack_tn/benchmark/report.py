@@ -184,6 +184,11 @@ def write_markdown(
             ", ".join(f"{k}: {settings[k]}" for k in keys if k in settings),
             "",
         ]
+        if "interrupted" in settings:
+            parts += [
+                f"**Incomplete run** (interrupted: {settings['interrupted']}).",
+                "",
+            ]
     parts += [
         "Time cells: median wall time per call in ms over interleaved rounds "
         "(ratio to the fastest reference method of the row). Memory cells: peak "

@@ -6,6 +6,7 @@ that the reference methods agree, and that runs write their reports.
 
 import csv
 import ctypes.util
+import faulthandler
 import json
 import math
 import subprocess
@@ -513,6 +514,45 @@ def test_run_benchmark_writes_reports(tmp_path: Path):
     assert (tmp_path / "ratios.png").stat().st_size > 0
 
 
+def test_run_benchmark_keeps_the_finished_layers(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+):
+    """``results.csv`` holds every finished layer; an interrupted run writes reports.
+
+    Args:
+        tmp_path: Temporary output directory.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    layers = ["linear in=4 out=3 n=2", "linear in=5 out=3 n=2"]
+    run_cell = runner._run_cell
+    seen = []
+
+    def interrupt_second_layer(entry, *args, **kwargs):
+        if str(entry.spec) == str(parse_layer_spec(layers[1])):
+            with open(tmp_path / "results.csv") as file:
+                seen.extend(csv.DictReader(file))
+            raise KeyboardInterrupt
+        return run_cell(entry, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_cell", interrupt_second_layer)
+    with raises(KeyboardInterrupt):
+        run_benchmark(
+            layers=layers,
+            ops="forward",
+            methods="refs",
+            repeats=1,
+            memory=False,
+            out=tmp_path,
+            figure=False,
+        )
+    assert [row["layer"] for row in seen] == [str(parse_layer_spec(layers[0]))]
+    with open(tmp_path / "results.csv") as file:
+        assert [row["layer"] for row in csv.DictReader(file)] == [seen[0]["layer"]]
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["interrupted"] == "KeyboardInterrupt after 1 of 2 layers"
+    assert "interrupted" in (tmp_path / "results.md").read_text()
+
+
 def test_run_benchmark_rejects_unknown_names():
     """Unknown ops and methods raise ``ValueError`` listing the allowed names."""
     with raises(ValueError, match=r"Unknown op\(s\) \['hessian'\]"):
@@ -584,6 +624,27 @@ def test_cli_errors(args: list[str], match: str, capsys: CaptureFixture):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert match in err
+
+
+def test_cli_interrupted(
+    tmp_path: Path, monkeypatch: MonkeyPatch, capsys: CaptureFixture
+):
+    """``Ctrl-C`` during a run names where the reports are and exits with 130.
+
+    Args:
+        tmp_path: Temporary output directory.
+        monkeypatch: Pytest's monkeypatch fixture.
+        capsys: Pytest's output capture.
+    """
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_benchmark", interrupted)
+    monkeypatch.setattr(faulthandler, "enable", lambda: None)  # keep pytest's
+    args = ["--layer", "linear in=3 out=2", "--mem-limit", "0", "--out", str(tmp_path)]
+    assert main(["bench", *args]) == 130
+    assert f"so far, if any, are in {tmp_path}" in capsys.readouterr().err
 
 
 def test_cli_runs_a_layer(tmp_path: Path):
