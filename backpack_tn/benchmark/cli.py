@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import signal
 import sys
 
 from backpack_tn.benchmark.models import NETS
@@ -285,6 +286,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def _interrupt(signum: int, frame) -> None:
+    """Turn a termination signal into ``KeyboardInterrupt``.
+
+    Raises:
+        KeyboardInterrupt: Always.
+    """
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``bench`` with parsed arguments.
 
@@ -335,6 +345,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         elif args.mem_limit > 0:
             limit_bytes = int(args.mem_limit * 2**30)
         set_memory_limit(limit_bytes)
+    # `kill`, `timeout` and job schedulers stop a run as Ctrl-C does: with reports
+    terminate = signal.signal(signal.SIGTERM, _interrupt)
     try:
         rows = run_benchmark(
             nets=args.nets,
@@ -370,6 +382,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
     print(summary_table(rows))
     print(
         f"\nWrote {args.out}/results.csv, results.md, settings.json"

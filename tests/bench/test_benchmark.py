@@ -9,6 +9,7 @@ import ctypes.util
 import faulthandler
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -629,7 +630,7 @@ def test_cli_errors(args: list[str], match: str, capsys: CaptureFixture):
 def test_cli_interrupted(
     tmp_path: Path, monkeypatch: MonkeyPatch, capsys: CaptureFixture
 ):
-    """``Ctrl-C`` during a run names where the reports are and exits with 130.
+    """``Ctrl-C`` or ``SIGTERM`` names where the reports are and exits with 130.
 
     Args:
         tmp_path: Temporary output directory.
@@ -638,12 +639,15 @@ def test_cli_interrupted(
     """
 
     def interrupted(**kwargs):
-        raise KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) is not terminate
+        signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(runner, "run_benchmark", interrupted)
     monkeypatch.setattr(faulthandler, "enable", lambda: None)  # keep pytest's
     args = ["--layer", "linear in=3 out=2", "--mem-limit", "0", "--out", str(tmp_path)]
+    terminate = signal.getsignal(signal.SIGTERM)
     assert main(["bench", *args]) == 130
+    assert signal.getsignal(signal.SIGTERM) is terminate
     assert f"so far, if any, are in {tmp_path}" in capsys.readouterr().err
 
 
