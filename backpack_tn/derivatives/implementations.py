@@ -530,6 +530,41 @@ def _kernel_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
 #: batch size 8, one block of all samples needed 20 MiB on top of the inputs,
 #: blocks of one sample 2.5 MiB, at the same speed.
 KERNEL_BLOCK_BYTES = 2**21
+#: On CPU, one call of the weight-gradient kernel also forms at most this many bytes
+#: of VJPs (at least one vector of one sample). oneDNN writes them in its own blocked
+#: layout and reorders them, so a call held about twice its VJPs on top of the
+#: result: per-sample gradients of AlexNet's 192x13x13 -> 384 3x3 layer at N = 4 (10
+#: MiB of VJPs) peaked at 30 MiB, against 15 MiB for unfolding and one GEMM; with
+#: this bound 15 MiB, at the same speed (ResNet18's 512x7x7 layer: 0.54x the time).
+#: The higher-order convolution holds twice its VJPs as well (21 MiB on that layer),
+#: but blocks of one sample cost it 1.15-1.2x the time, so it runs unbounded.
+KERNEL_VJP_BLOCK_BYTES = 4 * 2**20
+
+
+def _bound_kernel_vjps(
+    spec: LayerSpec, mat: Tensor, step_v: int, step_n: int, sum_batch: bool
+) -> tuple[int, int]:
+    """Shrink a block of vectors and samples until its VJPs fit the CPU bound.
+
+    Args:
+        spec: Layer description.
+        mat: Vectors of shape ``[V, N, C_out, *O]``.
+        step_v: Vectors per block.
+        step_n: Samples per block.
+        sum_batch: Whether the kernel sums the block's samples (then a block forms
+            one VJP per vector).
+
+    Returns:
+        ``(step_v, step_n)``, samples shrunk first; unchanged on CUDA.
+    """
+    if mat.is_cuda:
+        return step_v, step_n
+    most = max(
+        1, KERNEL_VJP_BLOCK_BYTES // (math.prod(spec.weight_shape) * mat.element_size())
+    )
+    if not sum_batch:
+        step_n = max(1, min(step_n, most // step_v))
+    return max(1, min(step_v, most // (1 if sum_batch else step_n))), step_n
 
 
 def _kernel_weight_gradients(module, spec, x, mat, sum_batch):
@@ -563,6 +598,7 @@ def _kernel_weight_gradients(module, spec, x, mat, sum_batch):
         step_v, step_n = vectors, max(1, budget // (sample + vectors * vector))
     else:
         step_v, step_n = max(1, (budget - sample) // vector), 1
+    step_v, step_n = _bound_kernel_vjps(spec, mat, step_v, step_n, sum_batch)
     step_v, step_n = _even(vectors, step_v), _even(samples, step_n)
     if step_v == vectors and step_n == samples:
         x = _kernel_padded(module, spec, x)

@@ -64,6 +64,7 @@ def _settings() -> tuple:
         implementations.INPUT_PRODUCT_BLOCK_BYTES,
         implementations.VJP_BLOCK_BYTES_GPU,
         implementations.KERNEL_BLOCK_BYTES,
+        implementations.KERNEL_VJP_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_BYTES,
         implementations.UNFOLDED_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_POSITIONS,

@@ -520,6 +520,35 @@ def test_higher_conv_in_blocks(
     )
 
 
+@mark.parametrize("vjps_per_call", [1, 2])
+def test_kernel_calls_bound_their_vjps(
+    conv_problem: Problem, vjps_per_call: int, monkeypatch
+):
+    """Each weight-gradient kernel call forms at most ``KERNEL_VJP_BLOCK_BYTES``.
+
+    Args:
+        conv_problem: Convolution problem.
+        vjps_per_call: The bound on CPU, in VJPs of the weight's size.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = conv_problem.module, conv_problem.x
+    weight_bytes = module.weight.numel() * x.element_size()
+    monkeypatch.setattr(
+        implementations, "KERNEL_VJP_BLOCK_BYTES", vjps_per_call * weight_bytes
+    )
+    call, formed = implementations._grouped_weight_gradient, []
+
+    def spy(module, spec, x, mat, sum_batch):
+        formed.append(mat.shape[0] * (1 if sum_batch else mat.shape[1]))
+        return call(module, spec, x, mat, sum_batch)
+
+    monkeypatch.setattr(implementations, "_grouped_weight_gradient", spy)
+    _check_weight_vjps(conv_problem, "kernel", _randn(3, *module.output.shape, like=x))
+    assert formed
+    if not x.is_cuda:
+        assert max(formed) <= vjps_per_call, formed
+
+
 #: Blocks of the kernel route's input VJPs, in bytes from one vector's input and
 #: output bytes: one vector per call, or two and the rest.
 INPUT_VJP_BLOCKS = {

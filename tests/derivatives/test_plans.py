@@ -198,6 +198,7 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         "VJP_BLOCK_BYTES",
         "VJP_BLOCK_BYTES_GPU",
         "KERNEL_BLOCK_BYTES",
+        "KERNEL_VJP_BLOCK_BYTES",
         "INPUT_PRODUCT_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_BYTES",
         "UNFOLDED_BLOCK_BYTES",
