@@ -20,10 +20,10 @@
   groups and the vectors as output channels) is the default, with these exceptions.
   Ungrouped Conv2d with a single input channel take the higher-order convolution
   (several vectors: only without stride). Depthwise layers take a same-order
-  grouped convolution, except unstrided ones with
-  kernels of at most ``SMALL_KERNEL`` entries whose input, repeated per vector and
-  sample, is large (``DEPTHWISE_BYTES``; one vector: ``DEPTHWISE_BYTES_ONE_VECTOR`` or
-  ``LARGE_DEPTHWISE_MAP`` output positions), which take the kernel route; several
+  grouped convolution, except those with kernels of at most ``SMALL_KERNEL``
+  entries whose input, repeated per vector and sample, is large (unstrided:
+  ``DEPTHWISE_BYTES``; one vector, strided or not: ``DEPTHWISE_BYTES_ONE_VECTOR`` or
+  ``LARGE_DEPTHWISE_MAP`` input positions), which take the kernel route; several
   vectors on strided Conv2d take im2col and one GEMM. For one vector: the higher-order
   convolution of Rochette et al. on Conv1d and on 2d layers with at most
   ``FEW_CHANNELS`` input channels per group below ``LARGE_MAP`` output positions
@@ -286,7 +286,12 @@ SMALL_KERNEL = 9
 DEPTHWISE_BYTES = 8 * 2**20
 #: ... or, for one vector, this many bytes ...
 DEPTHWISE_BYTES_ONE_VECTOR = 16 * 2**20
-#: ... or this many output positions.
+#: ... or this many input positions, strided or not. The same-order convolution
+#: dilates its kernel by the stride: per-sample gradients of MobileNetV2's strided
+#: 96x112x112 and 144x56x56 layers took 0.27x and 0.60x of its time through the
+#: kernel route at N = 4, 0.12x and 0.16x at N = 32 (where the same-order
+#: convolution took 1.29x and 1.11x of the higher-order one's), with a third of the
+#: memory (5.6 against 18.6 MiB for the leanest reference on the 112x112 layer).
 LARGE_DEPTHWISE_MAP = 2048
 #: Depthwise Conv2d layers (groups > 1) with small kernels and several vectors take
 #: the lowered network between these numbers of output positions (exclusive), and
@@ -513,13 +518,14 @@ def _depthwise_rule(
                 " output positions: the convolution kernel's weight gradient,"
                 " samples as groups"
             )
-    if not strided and size <= SMALL_KERNEL:
+    if size <= SMALL_KERNEL and (vectors == 1 or not strided):
         mat = tensors["mat"]
+        positions = prod(spec.input_spatial)
         repeated = vectors * mat.shape[1] * spec.in_channels
-        repeated *= prod(spec.input_spatial) * mat.element_size()
+        repeated *= positions * mat.element_size()
         if vectors == 1:
             large = (
-                spec.num_positions >= LARGE_DEPTHWISE_MAP
+                positions >= LARGE_DEPTHWISE_MAP
                 or repeated >= DEPTHWISE_BYTES_ONE_VECTOR
             )
         else:
@@ -527,9 +533,9 @@ def _depthwise_rule(
         if large:
             return "kernel", (
                 f"depthwise-like with a {'x'.join(map(str, spec.kernel_size))}"
-                f" kernel, {vectors} vector(s) and {repeated / 2**20:.1f} MiB of"
-                " repeated inputs: the convolution kernel's weight gradient,"
-                " samples as groups"
+                f" kernel, {vectors} vector(s), {positions} input positions and"
+                f" {repeated / 2**20:.1f} MiB of repeated inputs: the convolution"
+                " kernel's weight gradient, samples as groups"
             )
     if vectors == 1 or not strided:
         return "same_conv", (

@@ -215,6 +215,26 @@ VECTOR_RULE_CASES = [
         10,
         "unfold",
     ),
+    # one vector, strided: the kernel route from 2048 input positions or 16 MiB of
+    # inputs on (the same-order convolution dilates its kernel by the stride)
+    (
+        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        (2, 8, 48, 48),
+        1,
+        "kernel",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64),
+        (128, 64, 28, 28),
+        1,
+        "kernel",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 5, stride=2, padding=2, groups=64),
+        (2, 64, 48, 48),
+        1,
+        "same_conv",
+    ),
     # several vectors: the lowered network on mid-sized maps, kernels on large
     # strided ones, the same-order convolution on tiny ones
     (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 16, 16), 10, "tn_lowered"),
