@@ -21,8 +21,9 @@
   Ungrouped Conv2d with a single input channel take the higher-order convolution
   (several vectors: only without stride). Depthwise layers take a same-order
   grouped convolution, except those with kernels of at most ``SMALL_KERNEL``
-  entries whose input, repeated per vector and sample, is large (unstrided:
-  ``DEPTHWISE_BYTES``; one vector, strided or not: ``DEPTHWISE_BYTES_ONE_VECTOR`` or
+  entries that are strided with ``STRIDED_DEPTHWISE_MAP`` input positions (one
+  vector) or whose input, repeated per vector and sample, is large (unstrided:
+  ``DEPTHWISE_BYTES``; one vector: ``DEPTHWISE_BYTES_ONE_VECTOR`` or
   ``LARGE_DEPTHWISE_MAP`` input positions), which take the kernel route; several
   vectors on strided Conv2d take im2col and one GEMM. For one vector: the higher-order
   convolution of Rochette et al. on Conv1d and on 2d layers with at most
@@ -286,13 +287,18 @@ SMALL_KERNEL = 9
 DEPTHWISE_BYTES = 8 * 2**20
 #: ... or, for one vector, this many bytes ...
 DEPTHWISE_BYTES_ONE_VECTOR = 16 * 2**20
-#: ... or this many input positions, strided or not. The same-order convolution
-#: dilates its kernel by the stride: per-sample gradients of MobileNetV2's strided
-#: 96x112x112 and 144x56x56 layers took 0.27x and 0.60x of its time through the
-#: kernel route at N = 4, 0.12x and 0.16x at N = 32 (where the same-order
-#: convolution took 1.29x and 1.11x of the higher-order one's), with a third of the
-#: memory (5.6 against 18.6 MiB for the leanest reference on the 112x112 layer).
+#: ... or this many input positions.
 LARGE_DEPTHWISE_MAP = 2048
+#: Strided depthwise-like layers with small kernels take the kernel route for one
+#: vector from this many input positions on: the same-order convolution dilates its
+#: kernel by the stride. Per-sample gradients of MobileNetV2's strided 3x3 layers on
+#: 112x112, 56x56 and 28x28 inputs at N = 1-32 took 0.11-0.95x of the fastest
+#: reference's time through the kernel route (112x112: 0.27x against 0.94x for the
+#: same-order convolution at N = 4, 0.12x against 1.29x at N = 32) and 0.3-0.6x of
+#: the leanest reference's memory at N = 4, where the same-order convolution took
+#: 2.2-2.6x. On 14x14 inputs it took 0.95-1.03x at N = 8, the same-order
+#: convolution 0.80-0.87x.
+STRIDED_DEPTHWISE_MAP = 512
 #: Depthwise Conv2d layers (groups > 1) with small kernels and several vectors take
 #: the lowered network between these numbers of output positions (exclusive), and
 #: the kernel route from the upper one on when strided. GGN diagonals (V = 10) of
@@ -518,9 +524,21 @@ def _depthwise_rule(
                 " output positions: the convolution kernel's weight gradient,"
                 " samples as groups"
             )
-    if size <= SMALL_KERNEL and (vectors == 1 or not strided):
+    positions = prod(spec.input_spatial)
+    if (
+        size <= SMALL_KERNEL
+        and vectors == 1
+        and strided
+        and positions >= STRIDED_DEPTHWISE_MAP
+    ):
+        return "kernel", (
+            f"depthwise-like and strided with a {'x'.join(map(str, spec.kernel_size))}"
+            f" kernel, one vector, {positions} input positions: the convolution"
+            " kernel's weight gradient, samples as groups (the same-order"
+            " convolution dilates its kernel by the stride)"
+        )
+    if size <= SMALL_KERNEL and not strided:
         mat = tensors["mat"]
-        positions = prod(spec.input_spatial)
         repeated = vectors * mat.shape[1] * spec.in_channels
         repeated *= positions * mat.element_size()
         if vectors == 1:

@@ -206,28 +206,22 @@ VECTOR_RULE_CASES = [
     (
         lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
         (2, 8, 16, 16),
+        10,
+        "unfold",
+    ),
+    # one vector, strided: the kernel route from 512 input positions on (the
+    # same-order convolution dilates its kernel by the stride), not for large kernels
+    (
+        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        (2, 8, 24, 24),
         1,
-        "same_conv",
+        "kernel",
     ),
     (
         lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
         (2, 8, 16, 16),
-        10,
-        "unfold",
-    ),
-    # one vector, strided: the kernel route from 2048 input positions or 16 MiB of
-    # inputs on (the same-order convolution dilates its kernel by the stride)
-    (
-        lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
-        (2, 8, 48, 48),
         1,
-        "kernel",
-    ),
-    (
-        lambda: nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64),
-        (128, 64, 28, 28),
-        1,
-        "kernel",
+        "same_conv",
     ),
     (
         lambda: nn.Conv2d(64, 64, 5, stride=2, padding=2, groups=64),
