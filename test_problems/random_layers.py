@@ -93,6 +93,12 @@ def conv_layers(
         return tuple(draw(st.integers(low, high)) for _ in range(dim))
 
     kernel, stride, dilation = per_axis(1, 3), per_axis(1, 3), per_axis(1, 2)
+    hyperparameters = {
+        "stride": stride,
+        "dilation": dilation,
+        "groups": groups,
+        "bias": bias,
+    }
 
     if transpose:
         padding = per_axis(0, 2)
@@ -108,49 +114,28 @@ def conv_layers(
                 kernel, stride, dilation, padding, output_padding, strict=True
             )
         )
-
-        def module_fn() -> nn.Module:
-            return CONV_TRANSPOSE[dim](
-                c_in,
-                c_out,
-                kernel,
-                stride=stride,
-                padding=padding,
-                output_padding=output_padding,
-                groups=groups,
-                bias=bias,
-                dilation=dilation,
-            )
-
-        return RandomLayer(module_fn, c_in, sizes)
-
-    choices = ["int", "valid"] + (["same"] if set(stride) == {1} else [])
-    padding_kind = draw(st.sampled_from(choices))
-    if padding_kind == "int":
-        padding = per_axis(0, 2)
-        pads = [(p, p) for p in padding]
-    elif padding_kind == "valid":
-        padding, pads = "valid", [(0, 0)] * dim
+        layer = CONV_TRANSPOSE[dim]
+        hyperparameters.update(padding=padding, output_padding=output_padding)
     else:
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        padding, pads = "same", [(t // 2, t - t // 2) for t in totals]
-    padding_mode = draw(st.sampled_from(PADDING_MODES))
-    sizes = tuple(
-        max(min_size, size)
-        for size in _conv_sizes(draw, kernel, dilation, pads, padding_mode)
-    )
+        choices = ["int", "valid"] + (["same"] if set(stride) == {1} else [])
+        padding_kind = draw(st.sampled_from(choices))
+        if padding_kind == "int":
+            padding = per_axis(0, 2)
+            pads = [(p, p) for p in padding]
+        elif padding_kind == "valid":
+            padding, pads = "valid", [(0, 0)] * dim
+        else:
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+            padding, pads = "same", [(t // 2, t - t // 2) for t in totals]
+        padding_mode = draw(st.sampled_from(PADDING_MODES))
+        sizes = tuple(
+            max(min_size, size)
+            for size in _conv_sizes(draw, kernel, dilation, pads, padding_mode)
+        )
+        layer = CONV[dim]
+        hyperparameters.update(padding=padding, padding_mode=padding_mode)
 
     def module_fn() -> nn.Module:
-        return CONV[dim](
-            c_in,
-            c_out,
-            kernel,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-        )
+        return layer(c_in, c_out, kernel, **hyperparameters)
 
     return RandomLayer(module_fn, c_in, sizes)
