@@ -68,22 +68,17 @@ def _conv_sizes(
 
 
 @st.composite
-def conv_layers(
-    draw: st.DrawFn, transpose: bool | None = None, min_size: int = 1
-) -> RandomLayer:
+def conv_layers(draw: st.DrawFn) -> RandomLayer:
     """Draw a valid ``ConvNd`` or ``ConvTransposeNd`` and a spatial input size.
 
     Args:
         draw: Hypothesis draw function.
-        transpose: Whether the layer is transposed; ``None`` draws it.
-        min_size: Smallest spatial input size per axis.
 
     Returns:
         The layer's constructor, input channels and spatial input sizes.
     """
     dim = draw(st.integers(1, 3))
-    if transpose is None:
-        transpose = draw(st.booleans())
+    transpose = draw(st.booleans())
     groups = draw(st.integers(1, 3))
     c_in = groups * draw(st.integers(1, 2))
     c_out = groups * draw(st.integers(1, 2))
@@ -108,7 +103,7 @@ def conv_layers(
         )
         # output size (L - 1) * s - 2 * p + d * (k - 1) + op + 1 must be positive
         sizes = tuple(
-            max(min_size, 1 + ceil((2 * p - d * (k - 1) - op) / s))
+            max(1, 1 + ceil((2 * p - d * (k - 1) - op) / s))
             + draw(st.integers(0, MAX_EXTRA_SIZE[dim]))
             for k, s, d, p, op in zip(
                 kernel, stride, dilation, padding, output_padding, strict=True
@@ -128,10 +123,7 @@ def conv_layers(
             totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
             padding, pads = "same", [(t // 2, t - t // 2) for t in totals]
         padding_mode = draw(st.sampled_from(PADDING_MODES))
-        sizes = tuple(
-            max(min_size, size)
-            for size in _conv_sizes(draw, kernel, dilation, pads, padding_mode)
-        )
+        sizes = _conv_sizes(draw, kernel, dilation, pads, padding_mode)
         layer = CONV[dim]
         hyperparameters.update(padding=padding, padding_mode=padding_mode)
 

@@ -72,9 +72,8 @@ def random_networks(draw: st.DrawFn) -> dict[str, Any]:
         shape = first(torch.zeros(1, layer.in_channels, *layer.sizes)).shape
     dim = len(layer.sizes)
     second = draw(st.none() | st.integers(1, min(2, *shape[2:])))
-    if second is not None:
-        shape = (*shape[:2], *(size - second + 1 for size in shape[2:]))
-        shape = (shape[0], 2, *shape[2:])
+    if second is not None:  # two channels out
+        shape = (1, 2, *(size - second + 1 for size in shape[2:]))
     features = math.prod(shape[1:])
     assume(features <= MAX_FEATURES)
 
