@@ -11,7 +11,9 @@ float32/bfloat16 GEMMs on CPU go to oneDNN when it was clearly faster.
 oneDNN's GEMM has no batched form and no autograd formula: a batch runs as one
 call per matrix (only GEMMs of at least ``MIN_FLOPS`` each, where the calls'
 overhead is small), and tensors that need gradients or sit inside ``torch.func``
-transforms, CUDA tensors and other dtypes always take ``bmm``.
+transforms, CUDA tensors and other dtypes always take ``bmm``. So do bfloat16
+GEMMs on processors whose oneDNN has no bfloat16 inner product (AVX2-only ones: it
+fails to create the primitive); each dtype is tried once on first use.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ PROBE = (512, 256, 512)
 PROBE_ROUNDS = 8
 
 _SETTING = {"backend": "auto", "resolved": None}
+#: dtypes oneDNN's GEMM may serve, and whether this process's oneDNN can (tried once).
 _DTYPES = (torch.float32, torch.bfloat16)
+_AVAILABLE: dict[torch.dtype, bool] = {}
 
 
 def set_gemm_backend(name: str):
@@ -81,13 +85,25 @@ def gemm_backend() -> str:
     return resolved
 
 
-def _onednn_available() -> bool:
-    try:
-        with torch._C.DisableTorchFunction():
-            _linear(torch.ones(1, 1), torch.ones(1, 1))
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+def _onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this build and processor run oneDNN's GEMM in ``dtype``.
+
+    Args:
+        dtype: One of ``_DTYPES``.
+
+    Returns:
+        ``True`` if a 1x1 product in ``dtype`` runs (the answer is cached).
+    """
+    if dtype not in _AVAILABLE:
+        try:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                one = torch.ones(1, 1, dtype=dtype)
+                _linear(one, one)
+        except (AttributeError, RuntimeError):
+            _AVAILABLE[dtype] = False
+        else:
+            _AVAILABLE[dtype] = True
+    return _AVAILABLE[dtype]
 
 
 def _linear(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -173,7 +189,8 @@ def uses_onednn(a: Tensor, b: Tensor, flops: int) -> bool:
 
     Returns:
         ``True`` for large enough float32/bfloat16 CPU GEMMs without gradients,
-        outside ``torch.func`` transforms, when the backend is oneDNN.
+        outside ``torch.func`` transforms, when the backend is oneDNN and it runs
+        in their dtype on this processor.
     """
     return (
         flops >= MIN_FLOPS
@@ -184,6 +201,7 @@ def uses_onednn(a: Tensor, b: Tensor, flops: int) -> bool:
         and not torch._C._functorch.is_functorch_wrapped_tensor(a)
         and not torch._C._functorch.is_functorch_wrapped_tensor(b)
         and gemm_backend() == "onednn"
+        and _onednn_available(a.dtype)
     )
 
 

@@ -65,14 +65,40 @@ def backend() -> Iterator[None]:
 @pytest.mark.parametrize("dtype", TOLS, ids=str)
 @pytest.mark.parametrize("build", [b for _, b in GEMM_CASES], ids=GEMM_IDS)
 def test_onednn_matches_bmm(build, dtype, backend, monkeypatch):
-    """The oneDNN GEMM computes the batched products that ``bmm`` computes."""
+    """The oneDNN GEMM computes the batched products that ``bmm`` computes.
+
+    A dtype this processor's oneDNN cannot multiply (bfloat16 without AVX-512)
+    takes ``bmm`` and gives the same products.
+    """
     torch.manual_seed(0)
     a, b = build(dtype)
     expected = torch.bmm(a.float(), b.float().transpose(1, 2)).to(dtype)
     monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
     gemm.set_gemm_backend("onednn")
     assert gemm.gemm_backend() == "onednn"
+    assert gemm.uses_onednn(a, b, 1) == gemm._onednn_available(dtype)
     assert_allclose_report(gemm.gemm_nt(a, b), expected, **TOLS[dtype])
+
+
+@ONEDNN
+def test_dtypes_onednn_cannot_multiply_take_bmm(backend, monkeypatch):
+    """A dtype whose oneDNN primitive fails to build goes to ``bmm``, once tried."""
+    tried = []
+
+    def failing(a, b, bias, *args):
+        tried.append(a.dtype)
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(gemm, "_AVAILABLE", {})
+    monkeypatch.setattr(gemm, "MIN_FLOPS", 0)
+    gemm.set_gemm_backend("onednn")
+    assert gemm.gemm_backend() == "onednn"
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", failing)
+    a, b = _batched(2, 5, 4, 3, torch.bfloat16)
+    expected = torch.bmm(a, b.transpose(1, 2))
+    for _ in range(2):
+        assert_allclose_report(gemm.gemm_nt(a, b), expected)
+    assert tried == [torch.bfloat16]
 
 
 def test_bmm_where_onednn_cannot_serve(backend, monkeypatch):
