@@ -38,10 +38,10 @@ def static_host_rules() -> Iterator[None]:
     Yields:
         Nothing; the probe's setting is restored afterwards.
     """
-    enabled, speedup = host._STATE["enabled"], host._STATE["speedup"]
+    state = dict(host._STATE)
     set_host_probe(False)
     yield
-    set_host_probe(enabled, speedup)
+    set_host_probe(state["enabled"], state["higher_conv"], state["lowered"])
 
 
 @fixture(params=with_device_marks(LINEAR_CASES), ids=LINEAR_IDS)

@@ -117,19 +117,25 @@ def set_autotune(enabled: bool):
     plans.clear_plans()
 
 
-def set_host_probe(enabled: bool, speedup: float | None = None):
-    """Let ``auto`` time two per-sample routes once on this host, or pin the result.
+def set_host_probe(
+    enabled: bool, speedup: float | None = None, lowered_speedup: float | None = None
+):
+    """Let ``auto`` time per-sample routes once on this host, or pin the results.
 
     See :mod:`backpack_tn.derivatives.host`: the first decision between the
     convolution kernel's weight gradient and the higher-order convolution times
-    both on a probe layer (default: on, unless ``BACKPACK_TN_HOST_PROBE=0``).
+    both on a probe layer, and the first between the kernel route and the lowered
+    network for several vectors times those two (default: on, unless
+    ``BACKPACK_TN_HOST_PROBE=0``).
 
     Args:
-        enabled: Whether the probe may run. Off, ``auto`` keeps the kernel route.
+        enabled: Whether the probes may run. Off, ``auto`` keeps the kernel route.
         speedup: The kernel route's time divided by the higher-order
             convolution's, used instead of measuring (``None``: measure).
+        lowered_speedup: The kernel route's time divided by the lowered
+            network's for several vectors of one sample (``None``: measure).
     """
-    host.configure(enabled, speedup)
+    host.configure(enabled, speedup, lowered_speedup)
     _CHOSEN.clear()
     plans.clear_plans()
 
@@ -442,6 +448,9 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         return _depthwise_rule(spec, vectors, strided, tensors)
     if vectors == 1:
         return _one_vector_rule(spec, strided, samples)
+    lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
+    if lowered is not None:
+        return lowered
     channels = spec.in_channels // spec.groups
     many = spec.num_positions >= MANY_POSITIONS
     if many and not strided:
@@ -684,6 +693,57 @@ def _probed_rule(
 #: rule: on four such layers 0.74-0.91x of the fastest reference at N = 1 (kernels
 #: 0.88-1.06x) and 0.80-0.97x at N = 8 (kernels 0.97-1.12x).
 HIGHER_CONV_MARGIN = 1.0
+
+
+#: Several vectors on many-channel Conv2d layers from ``MANY_POSITIONS`` output
+#: positions on take the lowered network where the host probe
+#: (``host.lowered_speedup``) ran it more than this many times as fast as the
+#: kernel route, and its unfolded input stays within ``LOWERED_UNFOLDED_BYTES``.
+#: On an AVX2-only EPYC (MKL's GEMM) the probe measured 1.35-1.5; GGN diagonals
+#: (V = 10) of ungrouped 3x3 layers there, lowered network against kernel route:
+#: 0.60-0.83x at N = 1-8 on 64x56x56, 128x28x28, 96x32x32, 80x73x73 and
+#: 32x147x147 maps, strided or not (the higher-order convolution: 0.71-0.82x);
+#: grouped layers only on one sample (ResNeXt's 512x56x56 g = 32 stride-2 layer
+#: 0.73x at N = 1, 1.18x at N = 2); 3-channel stems lost (1.14x at N = 1).
+LOWERED_MARGIN = 1.15
+#: Largest unfolded input (``N * C_in * prod(K) * prod(O)`` elements) of that
+#: rule: Inception's 32x147x147 layer took 0.76x at N = 1 (25 MB) but 1.26x at
+#: N = 2 (50 MB); its 80x73x73 layer 0.87x at N = 2 (29 MB).
+LOWERED_UNFOLDED_BYTES = 32 * 2**20
+
+
+def _probed_lowered_rule(
+    spec: LayerSpec, vectors: int, samples: int, mat: Tensor
+) -> tuple[str, str] | None:
+    """The lowered network for several vectors, where the host probe ran it faster.
+
+    For 2d convolutions with more than ``FEW_CHANNELS`` input channels per group
+    (several samples: ungrouped only) on at least ``MANY_POSITIONS`` output
+    positions; see ``LOWERED_MARGIN``.
+
+    Returns:
+        The implementation key and the reason, or ``None`` where the rules decide.
+    """
+    unfolded = samples * spec.in_channels * prod(spec.kernel_size)
+    unfolded *= spec.num_positions * mat.element_size()
+    if not (
+        spec.kind == "conv"
+        and len(spec.patterns) == 2
+        and spec.in_channels // spec.groups > FEW_CHANNELS
+        and (spec.groups == 1 or samples == 1)
+        and spec.num_positions >= MANY_POSITIONS
+        and unfolded <= LOWERED_UNFOLDED_BYTES
+    ):
+        return None
+    speedup = host.lowered_speedup()
+    if speedup <= LOWERED_MARGIN:
+        return None
+    return "tn_lowered", (
+        f"{vectors} vectors of {samples} sample(s) on {spec.num_positions} output"
+        f" positions, {spec.in_channels // spec.groups} input channels per group:"
+        f" on this host {_LOWERED_GEMM} ran {speedup:.2f}x as fast as the"
+        " convolution kernel's weight gradient (host probe)"
+    )
 
 
 def _higher_conv_applies(spec: LayerSpec) -> bool:

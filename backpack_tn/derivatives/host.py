@@ -10,9 +10,19 @@ on every unstrided many-channel 3x3 layer of the benchmark networks from 2 sampl
 on. So the first ``auto`` decision between them times both routes once, on a probe
 layer, and keeps the ratio for the process (about 40 ms on 2 cores, first calls
 included).
+
+A second probe times the kernel route against the lowered network (a strided view
+of the input, one copy and one batched GEMM) for several vectors of one sample (GGN
+diagonals, square-root GGN backpropagation). Their order also flips between hosts:
+on the AVX-512 host of the earlier tables the kernel route of a 64x56x56 -> 64 3x3
+layer (one sample, V = 10) took 8.2 ms against 12.8 ms for im2col and one GEMM; on
+an AVX2-only EPYC (family 25 model 1, MKL's GEMM) the lowered network took
+0.60-0.83x of the kernel route's time on every ungrouped many-channel 3x3 layer of
+the benchmark networks from 512 output positions on, at N = 1-8 (about 60 ms, once).
+
 :func:`backpack_tn.set_host_probe`, or the environment variable
-``BACKPACK_TN_HOST_PROBE=0``, turns the probe off (``auto`` then keeps the
-``kernel`` route); :func:`backpack_tn.set_host_probe` can also pin its result.
+``BACKPACK_TN_HOST_PROBE=0``, turns the probes off (``auto`` then keeps the
+``kernel`` route); :func:`backpack_tn.set_host_probe` can also pin their results.
 """
 
 from __future__ import annotations
@@ -33,78 +43,115 @@ PROBE_SIZE = 32
 PROBE_SAMPLES = 4
 #: Timed rounds per route (the fastest counts), after one untimed call each.
 PROBE_ROUNDS = 5
+#: The second probe: ``Conv2d(C, C, 3, padding=1)`` on one ``[1, C, S, S]`` sample
+#: with this many vectors (1024 output positions, ``choice.MANY_POSITIONS`` on).
+LOWERED_PROBE_VECTORS = 10
 
 #: Environment variable that turns the probe off when set to ``0``.
 PROBE_VARIABLE = "BACKPACK_TN_HOST_PROBE"
 
+#: probe name -> (route timed against the kernel route, samples, vectors).
+PROBES: dict[str, tuple[str, int, int]] = {
+    "higher_conv": ("higher_conv", PROBE_SAMPLES, 1),
+    "lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS),
+}
+
 _STATE: dict[str, float | bool | None] = {
     "enabled": os.environ.get(PROBE_VARIABLE, "1") != "0",
-    "speedup": None,
+    **dict.fromkeys(PROBES),
 }
 
 
-def configure(enabled: bool, speedup: float | None = None):
-    """Turn the probe on or off, or pin its result (see ``choice.set_host_probe``).
+def configure(
+    enabled: bool, speedup: float | None = None, lowered_speedup: float | None = None
+):
+    """Turn the probes on or off, or pin their results (``choice.set_host_probe``).
 
     Args:
-        enabled: Whether the probe may run.
-        speedup: A result to use instead of measuring.
+        enabled: Whether the probes may run.
+        speedup: A result of the higher-order probe to use instead of measuring.
+        lowered_speedup: A result of the lowered-network probe, likewise.
     """
     _STATE["enabled"] = bool(enabled)
-    _STATE["speedup"] = speedup
+    _STATE["higher_conv"] = speedup
+    _STATE["lowered"] = lowered_speedup
 
 
 def higher_conv_speedup() -> float:
     """How many times faster the higher-order convolution ran than the kernel route.
 
-    Measured once per process on the probe layer with one vector (CPU, float32,
-    the current number of threads), unless the probe is off or pinned.
+    Measured once per process on the probe layer with one vector of
+    ``PROBE_SAMPLES`` samples (CPU, float32, the current number of threads), unless
+    the probe is off or pinned.
 
     Returns:
         The kernel route's time divided by the higher-order convolution's.
     """
-    if _STATE["speedup"] is None:
-        _STATE["speedup"] = _measure() if _STATE["enabled"] else 1.0
-    return float(_STATE["speedup"])
+    return _speedup("higher_conv")
 
 
-def _measure() -> float:
-    """Time both routes on the probe layer, interleaved; keep each one's fastest.
+def lowered_speedup() -> float:
+    """How many times faster the lowered network ran than the kernel route.
+
+    Measured once per process on the probe layer with ``LOWERED_PROBE_VECTORS``
+    vectors of one sample, unless the probe is off or pinned.
+
+    Returns:
+        The kernel route's time divided by the lowered network's.
+    """
+    return _speedup("lowered")
+
+
+def _speedup(name: str) -> float:
+    if _STATE[name] is None:
+        _STATE[name] = _measure(*PROBES[name]) if _STATE["enabled"] else 1.0
+    return float(_STATE[name])
+
+
+def _measure(route: str, samples: int, vectors: int) -> float:
+    """Time a route and the kernel route on the probe layer, interleaved.
 
     The global random state is left as it was (the probe runs inside the user's
     backward pass, and the layer's initialisation would draw from it).
 
+    Args:
+        route: The weight-VJP evaluation timed against ``'kernel'``.
+        samples: Samples of the probe input.
+        vectors: Vectors per sample.
+
     Returns:
-        The ratio of the fastest kernel-route time to the fastest higher-order one.
+        The ratio of the fastest kernel-route time to the route's fastest.
     """
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         layer = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1)
-        shape = (PROBE_SAMPLES, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE)
-        x, mat = torch.randn(shape), torch.randn((1, *shape))
+        shape = (samples, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE)
+        x, mat = torch.randn(shape), torch.randn((vectors, *shape))
         layer.input0, layer.output = x, layer(x)
-        spec = spec_of(layer)
-        return _fastest_ratio(layer, spec, x, mat)
+        return _fastest_ratio(layer, spec_of(layer), route, x, mat)
 
 
-def _fastest_ratio(layer: nn.Conv2d, spec: LayerSpec, x: Tensor, mat: Tensor) -> float:
-    """Interleaved timings of both routes on the probe layer.
+def _fastest_ratio(
+    layer: nn.Conv2d, spec: LayerSpec, route: str, x: Tensor, mat: Tensor
+) -> float:
+    """Interleaved timings of a route and the kernel route on the probe layer.
 
     Args:
         layer: The probe layer, with ``input0`` and ``output`` set.
         spec: Its description.
+        route: The evaluation timed against ``'kernel'``.
         x: Its input of shape ``[N, C, S, S]``.
-        mat: One vector of shape ``[1, N, C, S, S]``.
+        mat: Vectors of shape ``[V, N, C, S, S]``.
 
     Returns:
-        The fastest kernel-route time divided by the fastest higher-order one.
+        The fastest kernel-route time divided by the route's fastest.
     """
     routes = IMPLEMENTATIONS["weight_jac_t_mat_prod"]
     best = fastest_times(
         {
             name: partial(routes[name], layer, spec, name, x, mat, False)
-            for name in ("kernel", "higher_conv")
+            for name in ("kernel", route)
         },
         PROBE_ROUNDS,
     )
-    return best["kernel"] / best["higher_conv"]
+    return best["kernel"] / best[route]

@@ -405,20 +405,83 @@ def test_auto_follows_host_probe(module_fn, shape, vectors, speedup, expected):
         assert f"ran {speedup:.2f}x as fast" in reason
 
 
-def test_host_probe_measures_once_and_can_be_turned_off():
-    """The probe times both routes once per process; off, the ratio is neutral.
+#: (layer, input shape, lowered-probe result, expected weight-VJP evaluation of
+#: V = 10 vectors): the lowered network where the second host probe ran it faster
+#: than the kernel route, on many-channel 2d maps from ``MANY_POSITIONS`` on
+#: (grouped layers: one sample only); few channels and small maps keep their rules.
+LOWERED_PROBE_CASES = [
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 1.4, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 1.1, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 24, 24), 1.4, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (2, 64, 48, 48), 1.4, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (2, 64, 48, 48), 0.6, "kernel"),
+    (
+        lambda: nn.Conv2d(64, 64, 3, 2, padding=1, groups=4),
+        (1, 64, 48, 48),
+        1.4,
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 3, 2, padding=1, groups=4),
+        (2, 64, 48, 48),
+        1.4,
+        "kernel",
+    ),
+    (lambda: nn.Conv2d(3, 64, 3, padding=1), (1, 3, 32, 32), 1.4, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 16, 16), 1.4, "unfold"),
+]
+
+
+@pytest.mark.parametrize("module_fn, shape, speedup, expected", LOWERED_PROBE_CASES)
+def test_auto_follows_lowered_probe(module_fn, shape, speedup, expected):
+    """The second probe moves several vectors from the kernel route to the network."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    set_host_probe(False, 1.0, speedup)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(10, *module.output.shape)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **tensors
+    )
+    assert key == expected, reason
+    if key == "tn_lowered":
+        assert f"ran {speedup:.2f}x as fast" in reason
+
+
+def test_lowered_probe_rule_bounds_the_unfolded_input(monkeypatch):
+    """Past ``LOWERED_UNFOLDED_BYTES`` of unfolded input the kernel route stays."""
+    module, x = nn.Conv2d(64, 64, 3, padding=1), torch.randn(2, 64, 24, 24)
+    set_host_probe(False, 1.0, 1.4)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(10, *module.output.shape)
+    unfolded = 2 * 64 * 9 * 24 * 24 * 4
+    derivatives = Conv2DDerivativesTN()
+    for bound, expected in [(unfolded, "tn_lowered"), (unfolded - 1, "kernel")]:
+        monkeypatch.setattr(choice, "LOWERED_UNFOLDED_BYTES", bound)
+        set_host_probe(False, 1.0, 1.4)  # clears the cached decisions
+        key, reason = derivatives.explain("weight_jac_t_mat_prod", module, **tensors)
+        assert key == expected, reason
+
+
+@pytest.mark.parametrize(
+    "speedup",
+    [host.higher_conv_speedup, host.lowered_speedup],
+    ids=lambda f: f.__name__,
+)
+def test_host_probe_measures_once_and_can_be_turned_off(speedup):
+    """A probe times both routes once per process; off, the ratio is neutral.
 
     It leaves the global random state as it found it.
     """
-    assert host.higher_conv_speedup() == 1.0
+    assert speedup() == 1.0
     set_host_probe(True)
     state = torch.get_rng_state()
-    measured = host.higher_conv_speedup()
+    measured = speedup()
     assert torch.equal(torch.get_rng_state(), state)
     assert 0.0 < measured < float("inf")
-    assert host.higher_conv_speedup() == measured
+    assert speedup() == measured
     set_host_probe(False)
-    assert host.higher_conv_speedup() == 1.0
+    assert speedup() == 1.0
 
 
 def test_autotune_measures_and_stays_exact():
