@@ -435,6 +435,11 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         # time, GGN diagonals (V = 10) 0.60-0.95x at N = 1, at N = 4 0.90x and 0.18x
         # (1x128x128 3x3: 5.0 against 27.9 ms); strided with several vectors, im2col
         # stays faster
+        lowered = None
+        if vectors > 1:
+            lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
+        if lowered is not None:
+            return lowered
         if (
             spec.groups == 1
             and len(spec.patterns) == 2
@@ -704,7 +709,10 @@ HIGHER_CONV_MARGIN = 1.0
 #: 0.60-0.83x at N = 1-8 on 64x56x56, 128x28x28, 96x32x32, 80x73x73 and
 #: 32x147x147 maps, strided or not (the higher-order convolution: 0.71-0.82x);
 #: grouped layers only on one sample (ResNeXt's 512x56x56 g = 32 stride-2 layer
-#: 0.73x at N = 1, 1.18x at N = 2); 3-channel stems lost (1.14x at N = 1).
+#: 0.73x at N = 1, 1.18x at N = 2); 3-channel stems lost (1.14x at N = 1). A
+#: single input channel takes it for one sample, where the higher-order
+#: convolution was the rule: 1x28x28 (3x3, 5x5), 1x64x64 and 1x128x128 layers
+#: 0.59-0.94x of its time at N = 1; at N = 4 the 3x3 layers lost (1.1-3.3x).
 LOWERED_MARGIN = 1.15
 #: Largest unfolded input (``N * C_in * prod(K) * prod(O)`` elements) of that
 #: rule: Inception's 32x147x147 layer took 0.76x at N = 1 (25 MB) but 1.26x at
@@ -718,8 +726,8 @@ def _probed_lowered_rule(
     """The lowered network for several vectors, where the host probe ran it faster.
 
     For 2d convolutions with more than ``FEW_CHANNELS`` input channels per group
-    (several samples: ungrouped only) on at least ``MANY_POSITIONS`` output
-    positions; see ``LOWERED_MARGIN``.
+    (several samples: ungrouped only) or one sample of a single input channel, on
+    at least ``MANY_POSITIONS`` output positions; see ``LOWERED_MARGIN``.
 
     Returns:
         The implementation key and the reason, or ``None`` where the rules decide.
@@ -729,7 +737,10 @@ def _probed_lowered_rule(
     if not (
         spec.kind == "conv"
         and len(spec.patterns) == 2
-        and spec.in_channels // spec.groups > FEW_CHANNELS
+        and (
+            spec.in_channels // spec.groups > FEW_CHANNELS
+            or (spec.in_channels == 1 and samples == 1)
+        )
         and (spec.groups == 1 or samples == 1)
         and spec.num_positions >= MANY_POSITIONS
         and unfolded <= LOWERED_UNFOLDED_BYTES

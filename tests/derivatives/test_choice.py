@@ -429,6 +429,9 @@ LOWERED_PROBE_CASES = [
     ),
     (lambda: nn.Conv2d(3, 64, 3, padding=1), (1, 3, 32, 32), 1.4, "kernel"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 16, 16), 1.4, "unfold"),
+    (lambda: nn.Conv2d(1, 32, 5, padding=2), (1, 1, 28, 28), 1.4, "tn_lowered"),
+    (lambda: nn.Conv2d(1, 32, 5, padding=2), (1, 1, 28, 28), 1.1, "higher_conv"),
+    (lambda: nn.Conv2d(1, 32, 5, padding=2), (2, 1, 28, 28), 1.4, "higher_conv"),
 ]
 
 
