@@ -428,6 +428,10 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " kernel launches"
         )
     strided = any(p.stride > 1 for p in spec.patterns)
+    if vectors > 1:
+        lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
+        if lowered is not None:
+            return lowered
     if _stock_compatible(spec) and spec.in_channels == spec.groups:
         # a single input channel (ungrouped Conv2d): the higher-order convolution
         # beat the depthwise routes on 1x28x28, 1x64x64 and 1x128x128 layers (3x3,
@@ -435,11 +439,6 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         # time, GGN diagonals (V = 10) 0.60-0.95x at N = 1, at N = 4 0.90x and 0.18x
         # (1x128x128 3x3: 5.0 against 27.9 ms); strided with several vectors, im2col
         # stays faster
-        lowered = None
-        if vectors > 1:
-            lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
-        if lowered is not None:
-            return lowered
         if (
             spec.groups == 1
             and len(spec.patterns) == 2
@@ -453,9 +452,6 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         return _depthwise_rule(spec, vectors, strided, tensors)
     if vectors == 1:
         return _one_vector_rule(spec, strided, samples)
-    lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
-    if lowered is not None:
-        return lowered
     channels = spec.in_channels // spec.groups
     many = spec.num_positions >= MANY_POSITIONS
     if many and not strided:
