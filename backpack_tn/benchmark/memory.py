@@ -30,9 +30,12 @@ import torch
 
 from backpack_tn.benchmark.layers import LayerSpec, parse_layer_spec
 from backpack_tn.benchmark.ops import get_method, prepare
+from backpack_tn.benchmark.timing import LIVE_THRESHOLD
 
 #: Environment of the CPU memory workers.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+MALLOC_ENV = dict.fromkeys(
+    ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"), str(LIVE_THRESHOLD)
+)
 _RESULT_TAG = "BENCH-WORKER-RESULT "
 #: Calls per memory measurement: the first is reported as cold, the last as warm.
 MEASURED_CALLS = 3

@@ -52,6 +52,8 @@ MAX_BLOCK_CALLS = 1000
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: glibc's largest mmap threshold on 64-bit systems.
 MAX_MMAP_THRESHOLD = 32 * 2**20
+#: Trim and mmap threshold of :func:`live_allocator` (``memory.MALLOC_ENV``'s).
+LIVE_THRESHOLD = 65536
 
 
 def steady_allocator() -> bool:
@@ -67,14 +69,55 @@ def steady_allocator() -> bool:
     Returns:
         Whether the setting took effect (glibc only).
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    return _set_allocator(2**31 - 1, MAX_MMAP_THRESHOLD)
+
+
+def live_allocator() -> bool:
+    """Make this process's resident set follow its live memory, from now on.
+
+    The settings of the memory workers (``memory.MALLOC_ENV``: every block of 64
+    KiB or more by ``mmap``, freed memory returned at once), then the heap's free
+    memory returned (``malloc_trim``). Without them, a call that reuses memory
+    freed earlier adds nothing to the resident set: the main job measured 0 MiB
+    of extra peak for KFAC on All-CNN-C after other extensions had run.
+    :func:`steady_allocator` restores fast reuse for timing.
+
+    Returns:
+        Whether the setting took effect (glibc only).
+    """
+    if not _set_allocator(LIVE_THRESHOLD, LIVE_THRESHOLD):
         return False
-    trimmed = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-    mapped = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MAX_MMAP_THRESHOLD))
+    try:
+        _libc().malloc_trim(ctypes.c_size_t(0))
+    except AttributeError:
+        return False
+    return True
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or ``None`` where it cannot be loaded.
+
+    Returns:
+        The library handle, or ``None``.
+    """
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def _set_allocator(trim_threshold: int, mmap_threshold: int) -> bool:
+    """Set glibc's trim and mmap thresholds (``mallopt``).
+
+    Returns:
+        Whether both took effect.
+    """
+    try:
+        mallopt = _libc().mallopt
+    except AttributeError:
+        return False
+    trimmed = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold))
+    mapped = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
     return bool(trimmed and mapped)
 
 

@@ -4,8 +4,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from backpack_tn.benchmark.network_run import EXTENSIONS, format_table, run_network
+from backpack_tn.benchmark.memory import can_measure_cpu
+from backpack_tn.benchmark.network_run import (
+    EXTENSIONS,
+    _measured_pass,
+    format_table,
+    run_network,
+)
+from backpack_tn.benchmark.timing import steady_allocator
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -30,6 +38,21 @@ def test_resnet_with_converter_agrees_with_stock():
         dtype="float64",
     )
     assert len(rows) == 1 and rows[0]["agree"].startswith("yes"), rows
+
+
+@pytest.mark.skipif(not can_measure_cpu(), reason="needs Linux /proc/self/clear_refs")
+def test_measured_pass_counts_memory_freed_before():
+    """A pass that reuses memory freed by an earlier one still shows its peak."""
+    steady_allocator()  # freed blocks below 32 MiB stay resident for reuse
+    size = 16 * 2**20
+    earlier = [torch.ones(size // 4) for _ in range(4)]
+    del earlier
+
+    def one_pass():
+        return torch.ones(size // 4).sum()
+
+    peak = _measured_pass(one_pass, torch.device("cpu"))
+    assert peak >= 0.9 * size / 2**20, f"peak {peak:.2f} MiB of a 16 MiB pass"
 
 
 @pytest.mark.parametrize(
