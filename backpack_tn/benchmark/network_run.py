@@ -89,31 +89,23 @@ class Outcome:
     error: str = ""
 
 
-def _extra_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory a call adds: CUDA allocator peak, or the process's VmHWM.
+def _measured_pass(one_pass: Callable[[], object], device: torch.device) -> float:
+    """Peak memory one pass adds: the CUDA allocator's peak, or the growth of VmHWM.
+
+    The resident set is measured with the memory workers' allocator settings
+    (``timing.live_allocator``), then the steady allocator is restored for timing.
 
     Returns:
         MiB, or ``nan`` where the platform cannot measure it.
     """
     if device.type == "cuda":
-        return cuda_extra_peak(fn, device) / 2**20
-    if can_measure_cpu():
-        return cpu_extra_peak(fn) / 2**20
-    fn()
-    return float("nan")
-
-
-def _measured_pass(one_pass: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one pass; on CPU with the memory workers' allocator settings.
-
-    Returns:
-        MiB, or ``nan`` where the platform cannot measure it.
-    """
-    if device.type != "cpu":
-        return _extra_peak_mib(one_pass, device)
+        return cuda_extra_peak(one_pass, device) / 2**20
+    if not can_measure_cpu():
+        one_pass()
+        return float("nan")
     live_allocator()
     try:
-        return _extra_peak_mib(one_pass, device)
+        return cpu_extra_peak(one_pass) / 2**20
     finally:
         steady_allocator()
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import random
@@ -94,8 +95,9 @@ def live_allocator() -> bool:
     return True
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library, or ``None`` where it cannot be loaded.
+    """The C library, or ``None`` where it cannot be loaded (loaded once).
 
     Returns:
         The library handle, or ``None``.
