@@ -245,6 +245,14 @@ FEW_OUTPUT_CHANNELS_1X1 = 16
 #: skipped positions with zeros, this many (stride 2: 64x56x56 0.70x, 128x28x28
 #: 0.84x, 256x56x56 0.69x, 256x14x14 1.0x; 512x28x28 1.16x).
 STRIDED_1X1_OUTPUT_CHANNELS = 256
+#: Unit-stride 1x1 layers whose kernel input VJP (inputs plus output gradients)
+#: would take more than this many bytes take one batched GEMM instead: at N = 32
+#: 0.66-1.05x of the kernel's time in blocks (geometric mean 0.86x), 10 vectors of
+#: 8 samples 0.55-1.00x (0.81x); between 16 and 56 MiB, where the kernel runs in
+#: one call (``INPUT_VJP_ONE_CALL_BYTES``), 0.22-1.11x of its time (MobileNetV2's
+#: 144x56x56 -> 24 layer at 16 samples 0.22x, 32 MiB; Inception's 64x73x73 layer at
+#: 8 samples 1.11x; glibc's heap not kept).
+GEMM_1X1_INPUT_VJP_BYTES = 16 * 2**20
 #: Input VJPs of ungrouped Conv2d with overlapping patterns and at most
 #: ``FEW_OUTPUT_CHANNELS`` input channels take the dense-pattern network where the
 #: input channels times the largest pattern's entries stay below this (CPU, 2
@@ -362,15 +370,14 @@ def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if prod(spec.kernel_size) == 1:
         strided = any(p.stride > 1 for p in spec.patterns)
         most = STRIDED_1X1_OUTPUT_CHANNELS if strided else FEW_OUTPUT_CHANNELS_1X1
-        # where the kernel would take blocks, one batched GEMM beat them on all
-        # 16 such 1x1 layers of the nine networks (N = 32: 0.66-1.05x of their
-        # time, geometric mean 0.86x; 10 vectors of 8 samples: 0.55-1.00x, 0.81x)
+        # one batched GEMM where one kernel call would outgrow the caches
         mat = tensors["mat"]
-        if not strided and input_vjp_step(spec, mat) < mat.shape[0] * mat.shape[1]:
+        step = input_vjp_step(spec, mat, GEMM_1X1_INPUT_VJP_BYTES)
+        if not strided and step < mat.shape[0] * mat.shape[1]:
             return "tn", (
                 f"a 1x1 layer on {spec.num_positions} positions whose transposed"
                 " convolution would outgrow the caches: one batched GEMM beats"
-                " the kernel in blocks"
+                " the kernel"
             )
     if channels <= most:
         return "tn", (

@@ -392,12 +392,24 @@ def is_grouped_strided(module: Module) -> bool:
 
 #: On CPU, input VJPs of a convolution through its kernels run in blocks of vectors
 #: and samples whose inputs and output gradients take at most this many bytes, on
-#: layers that ``input_vjp_step`` names. oneDNN's transposed convolution slowed
-#: down per sample once one call's operands outgrew the caches: for 80 vectors
-#: (10 of 8 samples, as DiagGGNExact sends them), blocks took 0.58x of one call's
-#: time on All-CNN-C's 96x32x32 stride-2 layer, 0.75x on ResNet18's 64x56x56 and
-#: 0.3-0.7x on MobileNetV2's 56x56 and 112x112 layers (2-core AMD EPYC).
-INPUT_VJP_BLOCK_BYTES = 8 * 2**20
+#: layers that ``input_vjp_step`` names, once one call would take more than
+#: ``INPUT_VJP_ONE_CALL_BYTES``. oneDNN's transposed convolution slowed down per
+#: sample once one call's operands outgrew about 56 MiB: in blocks of 16 MiB,
+#: Inception's 32x149x149 layer ran at 0.59x of one call's time (16 samples, 86 MiB),
+#: its 32x147x147 layer at 0.78x (63 MiB), its 3x299x299 stem at 0.63x (60 MiB) and
+#: ResNet18's 3x224x224 stem at 0.81x (58 MiB); for 80 vectors (10 of 8 samples,
+#: as DiagGGNExact sends them) 0.5-0.8x on ResNet18's and MobileNetV2's 56x56 and
+#: 112x112 layers (2-core AMD EPYC; the first four with glibc's heap kept, as the
+#: benchmark runs, the 80-vector ones without).
+#: Blocks of 8 MiB were up to 1.5x slower than blocks of 16 MiB.
+INPUT_VJP_BLOCK_BYTES = 16 * 2**20
+#: Up to this many bytes one call was as fast as blocks or up to 1.5x faster:
+#: Inception's 80x73x73 layer at 4 and 8 samples (21 and 43 MiB; blocks of 8 MiB,
+#: the rule before, took 1.2x), MobileNetV2's depthwise 32x112x112 and 144x56x56
+#: layers at 8 and 16 samples (24-55 MiB; up to 1.4x), ResNeXt's 256x56x56 g = 32
+#: stride-2 layer at 8 samples (31 MiB; 1.2x), ResNet18's 64x56x56 layer at 32
+#: samples (49 MiB; 1.06x).
+INPUT_VJP_ONE_CALL_BYTES = 56 * 2**20
 #: Blocks pay off only on large maps with small kernels. Each block reorders the
 #: weight again, and on maps below 32x32 positions the blocks were 2-30% slower
 #: (Inception's 17x17 and 8x8, ResNeXt's 14x14 layers with up to 8 MiB weights).
@@ -407,22 +419,26 @@ INPUT_VJP_BLOCK_WEIGHT_BYTES = 2**20
 INPUT_VJP_BLOCK_SAMPLE_BYTES = 2**19
 
 
-def input_vjp_step(spec: LayerSpec, mat: Tensor) -> int:
+def input_vjp_step(
+    spec: LayerSpec, mat: Tensor, one_call_bytes: int | None = None
+) -> int:
     """Vectors and samples per call of a convolution's input-VJP kernel.
 
     Args:
         spec: Layer description.
         mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
+        one_call_bytes: Bytes (inputs plus output gradients) up to which one
+            call runs; default ``INPUT_VJP_ONE_CALL_BYTES``.
 
     Returns:
         ``V * N`` (one call) on CUDA, for Linear and transposed convolutions, on
         maps below ``INPUT_VJP_BLOCK_POSITIONS``, for weights above
-        ``INPUT_VJP_BLOCK_WEIGHT_BYTES`` and for samples below
-        ``INPUT_VJP_BLOCK_SAMPLE_BYTES`` and for at most two blocks' bytes (two
-        blocks of ResNet18's 64x56x56 stride-2 layer at N = 8 took 1.07x of one
-        call's time); else the even step whose blocks take at most
-        ``INPUT_VJP_BLOCK_BYTES``.
+        ``INPUT_VJP_BLOCK_WEIGHT_BYTES``, for samples below
+        ``INPUT_VJP_BLOCK_SAMPLE_BYTES`` and up to ``one_call_bytes``; else the
+        even step whose blocks take at most ``INPUT_VJP_BLOCK_BYTES``.
     """
+    if one_call_bytes is None:
+        one_call_bytes = INPUT_VJP_ONE_CALL_BYTES
     total = mat.shape[0] * mat.shape[1]
     size = mat.element_size()
     sample = (math.prod(spec.input_shape()[1:]) + mat[0, 0].numel()) * size
@@ -432,7 +448,7 @@ def input_vjp_step(spec: LayerSpec, mat: Tensor) -> int:
         or math.prod(spec.input_spatial) < INPUT_VJP_BLOCK_POSITIONS
         or math.prod(spec.weight_shape) * size > INPUT_VJP_BLOCK_WEIGHT_BYTES
         or sample < INPUT_VJP_BLOCK_SAMPLE_BYTES
-        or total * sample <= 2 * INPUT_VJP_BLOCK_BYTES
+        or total * sample <= one_call_bytes
     ):
         return total
     return _even(total, max(1, INPUT_VJP_BLOCK_BYTES // sample))

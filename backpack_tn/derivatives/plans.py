@@ -66,6 +66,7 @@ def _settings() -> tuple:
         implementations.KERNEL_BLOCK_BYTES,
         implementations.KERNEL_VJP_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_BYTES,
+        implementations.INPUT_VJP_ONE_CALL_BYTES,
         implementations.UNFOLDED_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_POSITIONS,
         implementations.INPUT_VJP_BLOCK_WEIGHT_BYTES,

@@ -87,6 +87,7 @@ RULE_CASES = [
     (lambda: nn.Conv2d(32, 6, 1), (2, 32, 8, 8), "jac_t_mat_prod", "kernel"),
     (lambda: nn.Conv2d(192, 32, 1), (2, 192, 35, 35), "jac_t_mat_prod", "kernel"),
     (lambda: nn.Conv2d(192, 32, 1), (32, 192, 35, 35), "jac_t_mat_prod", "tn"),
+    (lambda: nn.Conv2d(192, 32, 1), (16, 192, 35, 35), "jac_t_mat_prod", "tn"),
     (lambda: nn.Conv2d(64, 8, 1, stride=2), (2, 64, 8, 8), "jac_t_mat_prod", "tn"),
     (
         lambda: nn.Conv2d(512, 8, 1, stride=2),

@@ -574,6 +574,7 @@ def test_kernel_input_vjps_in_blocks(
     mat = _randn(3, *module.output.shape, like=x)
     sample = (x[0].numel() + mat[0, 0].numel()) * x.element_size()
     monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_BYTES", budget(sample))
+    monkeypatch.setattr(implementations, "INPUT_VJP_ONE_CALL_BYTES", 2 * budget(sample))
     monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_POSITIONS", 1)
     monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_WEIGHT_BYTES", math.inf)
     monkeypatch.setattr(implementations, "INPUT_VJP_BLOCK_SAMPLE_BYTES", 0)

@@ -201,6 +201,7 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         "KERNEL_VJP_BLOCK_BYTES",
         "INPUT_PRODUCT_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_BYTES",
+        "INPUT_VJP_ONE_CALL_BYTES",
         "UNFOLDED_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_POSITIONS",
         "INPUT_VJP_BLOCK_WEIGHT_BYTES",
