@@ -40,7 +40,10 @@ DEFAULT_COMMAND: str | None = "run"
 HELP = ("-h", "--help")
 
 #: Internal commands, dispatched before argument parsing and not listed in --help.
-_INTERNAL = {"bench-worker": "backpack_tn.benchmark.memory:worker_main"}
+_INTERNAL = {
+    "bench-worker": "backpack_tn.benchmark.memory:worker_main",
+    "run-worker": "backpack_tn.benchmark.network_run:worker_main",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

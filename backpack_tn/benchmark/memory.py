@@ -275,6 +275,21 @@ def measure_in_subprocess(
         command += ["--threads", str(threads)]
     if mem_limit is not None:
         command += ["--mem-limit", str(int(mem_limit))]
+    return run_worker(command, timeout)
+
+
+def run_worker(command: list[str], timeout: float = 600.0) -> MemoryResult:
+    """Run a memory worker in a fresh process with :data:`MALLOC_ENV`.
+
+    Args:
+        command: The worker's command line; it prints one line
+            ``BENCH-WORKER-RESULT {json}`` with a :class:`MemoryResult`
+            (see :func:`print_result`).
+        timeout: Seconds before the worker is stopped.
+
+    Returns:
+        The worker's result, or why it gave none.
+    """
     env = {**os.environ, **MALLOC_ENV}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -298,6 +313,15 @@ def measure_in_subprocess(
         )
     tail = (proc.stderr.strip().splitlines() or [""])[-1]
     return MemoryResult("error", message=f"worker exit {proc.returncode}: {tail}"[:200])
+
+
+def print_result(result: MemoryResult):
+    """Print a worker's result line for :func:`run_worker`.
+
+    Args:
+        result: The measurement.
+    """
+    print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -337,5 +361,5 @@ def worker_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         ggn_vectors=args.ggn_vectors,
     )
-    print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
+    print_result(result)
     return 0

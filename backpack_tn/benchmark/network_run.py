@@ -3,14 +3,21 @@
 ``python -m backpack_tn`` (or ``python -m backpack_tn run``) builds a CNN with
 random weights, draws a synthetic batch, runs each extension's backward pass with
 stock BackPACK and with backpack_tn (after a warm-up pass; the fastest of
-``--repeats`` passes counts, the peak memory is that of one more pass in which the
-resident set follows the live memory), checks that the results agree, and prints
-time and peak memory of both.
+``--repeats`` passes counts), checks that the results agree, and prints time and
+peak memory of both. On CPU the peak memory of each extension and library comes
+from a fresh process (``python -m backpack_tn run-worker``, internal) with the
+benchmark's memory-worker settings: one warm-up pass, then the growth of the
+resident set during one more pass. Measured in the running process, the peak
+depended on the extensions run before (All-CNN-C's one-pass BatchGrad +
+DiagGGNExact + KFAC: 192-339 MiB). On CUDA it is the allocator's peak in the
+running process.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -24,9 +31,12 @@ from torch import nn
 
 from backpack_tn import extensions as tn
 from backpack_tn.benchmark.memory import (
+    MemoryResult,
     can_measure_cpu,
     cpu_extra_peak,
     cuda_extra_peak,
+    print_result,
+    run_worker,
 )
 from backpack_tn.benchmark.models import NETS, net_resnet18_nobn
 from backpack_tn.benchmark.timing import live_allocator, steady_allocator
@@ -111,7 +121,7 @@ def _measured_pass(one_pass: Callable[[], object], device: torch.device) -> floa
 
 
 def run_extension(
-    model, loss_fn, x, y, factory, seed: int, repeats: int = 1
+    model, loss_fn, x, y, factory, seed: int, repeats: int = 1, measure: bool = True
 ) -> Outcome:
     """Run backward passes with an extension and collect its quantities.
 
@@ -122,10 +132,11 @@ def run_extension(
         y: Targets.
         factory: Builds the extension (or a tuple of extensions for one pass).
         seed: Seed set before each pass (same MC samples for stock and TN).
-        repeats: Number of timed passes; the time is the fastest. The peak
-            memory is that of one more pass before them, in which the resident
-            set follows the live memory (CPU: ``timing.live_allocator``; the
-            timed passes then reuse freed memory, ``timing.steady_allocator``).
+        repeats: Number of timed passes; the time is the fastest (``nan`` for 0).
+        measure: Whether one more pass before them measures the peak memory in
+            this process, with the resident set following the live memory (CPU:
+            ``timing.live_allocator``; the timed passes then reuse freed memory,
+            ``timing.steady_allocator``).
 
     Returns:
         The outcome.
@@ -145,9 +156,11 @@ def run_extension(
             torch.cuda.synchronize(x.device)
         seconds.append(time.perf_counter() - start)
 
+    peak_mib = float("nan")
     try:
-        peak_mib = _measured_pass(one_pass, x.device)
-        del seconds[:]  # the measured pass page-faults all its memory
+        if measure:
+            peak_mib = _measured_pass(one_pass, x.device)
+            del seconds[:]  # the measured pass page-faults all its memory
         for _ in range(repeats):
             one_pass()
     except (NotImplementedError, RuntimeError, ValueError) as error:
@@ -160,7 +173,120 @@ def run_extension(
                     p, extension.savefield
                 )
                 delattr(p, extension.savefield)
-    return Outcome(min(seconds), peak_mib, values)
+    return Outcome(min(seconds, default=float("nan")), peak_mib, values)
+
+
+#: The libraries of :data:`EXTENSIONS`' factories, in order.
+LIBRARIES = ("stock", "tn")
+
+
+def _setup(model_name: str, batch_size: int, device: str, dtype: str, seed: int):
+    """The extended network, loss, inputs and targets of one main job.
+
+    Args:
+        model_name: One of :data:`MODELS`.
+        batch_size: Batch size of the synthetic batch.
+        device: Torch device.
+        dtype: ``'float32'`` or ``'float64'``.
+        seed: Seed for weights and data.
+
+    Returns:
+        ``(model, loss_fn, x, y)``; ``x`` has shape ``[N, *input_shape]``.
+    """
+    torch.manual_seed(seed)
+    constructor, sample_shape, use_converter = MODELS[model_name]
+    torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
+    model = constructor().to(torch_device, torch_dtype)
+    model = extend(model, use_converter=use_converter)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x = torch.randn(batch_size, *sample_shape, device=torch_device, dtype=torch_dtype)
+    with torch.no_grad():
+        classes = model(x).shape[1]
+    y = torch.randint(0, classes, (batch_size,), device=torch_device)
+    return model, loss_fn, x, y
+
+
+def peak_in_fresh_process(
+    model_name: str,
+    batch_size: int,
+    extension: str,
+    library: str,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> float:
+    """Peak memory of one extension's pass on CPU, in a fresh ``run-worker``.
+
+    Args:
+        model_name: One of :data:`MODELS`.
+        batch_size: Batch size.
+        extension: Key of :data:`EXTENSIONS`.
+        library: One of :data:`LIBRARIES`.
+        dtype: ``'float32'`` or ``'float64'``.
+        seed: Seed for weights, data and MC samples.
+
+    Returns:
+        MiB, or ``nan`` where the worker gave no measurement.
+    """
+    result = run_worker(
+        [
+            sys.executable,
+            "-m",
+            "backpack_tn",
+            "run-worker",
+            f"--model={model_name}",
+            f"--batch-size={batch_size}",
+            f"--extension={extension}",
+            f"--library={library}",
+            f"--dtype={dtype}",
+            f"--seed={seed}",
+        ]
+    )
+    return result.peak / 2**20 if result.status == "ok" else float("nan")
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m backpack_tn run-worker`` (internal).
+
+    Builds the main job's network, runs one warm-up pass of one extension and
+    prints the peak memory of one more pass as a ``MemoryResult`` line
+    (``memory.print_result``; ``cold_peak``: the warm-up pass's).
+
+    Args:
+        argv: Command line arguments after ``run-worker``.
+
+    Returns:
+        Exit code 0 (failures of the extension are part of the result).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_tn run-worker",
+        description="Measure the peak memory of one main-job pass (internal).",
+    )
+    parser.add_argument("--model", required=True, choices=list(MODELS))
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--extension", required=True, choices=list(EXTENSIONS))
+    parser.add_argument("--library", required=True, choices=LIBRARIES)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    factory = EXTENSIONS[args.extension][LIBRARIES.index(args.library)]
+    if factory is None:
+        print_result(
+            MemoryResult("n/a", message="stock BackPACK has no such extension")
+        )
+        return 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Full backward hook is firing")
+        model, loss_fn, x, y = _setup(
+            args.model, args.batch_size, "cpu", args.dtype, args.seed
+        )
+        cold = run_extension(model, loss_fn, x, y, factory, args.seed, repeats=0)
+        cold.values = None
+        warm = run_extension(model, loss_fn, x, y, factory, args.seed, repeats=0)
+    if warm.error:
+        print_result(MemoryResult("error", message=warm.error))
+    else:
+        print_result(MemoryResult("ok", warm.peak_mib * 2**20, cold.peak_mib * 2**20))
+    return 0
 
 
 def max_relative_error(first: dict, second: dict) -> float:
@@ -191,6 +317,7 @@ def run_network(
     dtype: str = "float32",
     seed: int = 0,
     repeats: int = 1,
+    memory: bool = True,
 ) -> list[dict]:
     """Compare stock BackPACK and backpack_tn on one network.
 
@@ -203,31 +330,31 @@ def run_network(
         seed: Seed for weights, data and MC samples.
         repeats: Timed backward passes per extension and library (the fastest
             counts).
+        memory: Whether to measure the peak memory (CPU: in fresh processes).
 
     Returns:
         One row per extension with times, peak memories, ratios and agreement.
     """
-    torch.manual_seed(seed)
-    constructor, sample_shape, use_converter = MODELS[model_name]
-    torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
-    model = constructor().to(torch_device, torch_dtype)
-    model = extend(model, use_converter=use_converter)
-    loss_fn = extend(nn.CrossEntropyLoss())
-    x = torch.randn(batch_size, *sample_shape, device=torch_device, dtype=torch_dtype)
-    with torch.no_grad():
-        classes = model(x).shape[1]
-    y = torch.randint(0, classes, (batch_size,), device=torch_device)
-    tolerance = 1e-3 if torch_dtype == torch.float32 else 1e-8
+    model, loss_fn, x, y = _setup(model_name, batch_size, device, dtype, seed)
+    tolerance = 1e-3 if x.dtype == torch.float32 else 1e-8
+    in_workers = memory and x.device.type == "cpu" and can_measure_cpu()
     rows = []
     for name in extensions or list(EXTENSIONS):
         stock_factory, tn_factory = EXTENSIONS[name]
-        run_extension(model, loss_fn, x, y, tn_factory, seed)  # warm-up
-        ours = run_extension(model, loss_fn, x, y, tn_factory, seed, repeats)
+        run_extension(model, loss_fn, x, y, tn_factory, seed, measure=False)  # warm-up
+        measure = memory and not in_workers
+        ours = run_extension(model, loss_fn, x, y, tn_factory, seed, repeats, measure)
         theirs = (
-            run_extension(model, loss_fn, x, y, stock_factory, seed, repeats)
+            run_extension(model, loss_fn, x, y, stock_factory, seed, repeats, measure)
             if stock_factory
             else Outcome(error="stock BackPACK has no such extension")
         )
+        if in_workers:
+            for library, outcome in zip(LIBRARIES, (theirs, ours), strict=True):
+                if not outcome.error:
+                    outcome.peak_mib = peak_in_fresh_process(
+                        model_name, batch_size, name, library, dtype, seed
+                    )
         row = {"extension": name, "tn": ours, "stock": theirs, "agree": ""}
         if ours.error:
             row["agree"] = "backpack_tn failed"
@@ -256,10 +383,14 @@ def format_table(rows: list[dict]) -> str:
         return "n/a" if outcome.error else f"{outcome.seconds * 1e3:.1f}"
 
     def mib(outcome):
-        return "n/a" if outcome.error else f"{outcome.peak_mib:.0f}"
+        if outcome.error or math.isnan(outcome.peak_mib):
+            return "n/a"
+        return f"{outcome.peak_mib:.0f}"
 
     def ratio(ours, theirs, attr):
         if ours.error or theirs.error or not getattr(theirs, attr) > 0:
+            return "n/a"
+        if math.isnan(getattr(ours, attr)):
             return "n/a"
         return f"{getattr(ours, attr) / getattr(theirs, attr):.2f}x"
 
@@ -321,6 +452,13 @@ def add_run_arguments(parser: argparse.ArgumentParser):
         default=3,
         help="timed backward passes per extension; the fastest counts (default 3)",
     )
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the peak memory of each pass (CPU: one fresh process per"
+        " extension and library; default: on)",
+    )
     parser.set_defaults(command_fn=run_command)
 
 
@@ -367,6 +505,7 @@ def run_command(args: argparse.Namespace, parser=None) -> int:
             args.dtype,
             args.seed,
             args.repeats,
+            args.memory,
         )
     print(format_table(rows))
     return (
