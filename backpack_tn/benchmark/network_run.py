@@ -388,11 +388,10 @@ def format_table(rows: list[dict]) -> str:
         return f"{outcome.peak_mib:.0f}"
 
     def ratio(ours, theirs, attr):
-        if ours.error or theirs.error or not getattr(theirs, attr) > 0:
+        mine, reference = getattr(ours, attr), getattr(theirs, attr)
+        if ours.error or theirs.error or math.isnan(mine) or not reference > 0:
             return "n/a"
-        if math.isnan(getattr(ours, attr)):
-            return "n/a"
-        return f"{getattr(ours, attr) / getattr(theirs, attr):.2f}x"
+        return f"{mine / reference:.2f}x"
 
     lines = [
         "| extension | stock [ms] | tn [ms] | time tn/stock | stock peak [MiB]"

@@ -372,8 +372,8 @@ def _input_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         most = STRIDED_1X1_OUTPUT_CHANNELS if strided else FEW_OUTPUT_CHANNELS_1X1
         # one batched GEMM where one kernel call would outgrow the caches
         mat = tensors["mat"]
-        step = input_vjp_step(spec, mat, GEMM_1X1_INPUT_VJP_BYTES)
-        if not strided and step < mat.shape[0] * mat.shape[1]:
+        total = mat.shape[0] * mat.shape[1]
+        if not strided and input_vjp_step(spec, mat, GEMM_1X1_INPUT_VJP_BYTES) < total:
             return "tn", (
                 f"a 1x1 layer on {spec.num_positions} positions whose transposed"
                 " convolution would outgrow the caches: one batched GEMM beats"
