@@ -68,6 +68,7 @@ def _settings() -> tuple:
         implementations.INPUT_VJP_BLOCK_BYTES,
         implementations.INPUT_VJP_ONE_CALL_BYTES,
         implementations.UNFOLDED_BLOCK_BYTES,
+        implementations.SQUARED_NETWORK_BLOCK_BYTES,
         implementations.INPUT_VJP_BLOCK_POSITIONS,
         implementations.INPUT_VJP_BLOCK_WEIGHT_BYTES,
         implementations.INPUT_VJP_BLOCK_SAMPLE_BYTES,

@@ -15,6 +15,8 @@ from pytest import FixtureRequest, fixture, mark, raises, skip
 from torch import Tensor, nn, randn
 
 from backpack_tn.derivatives import STRATEGIES, implementations
+from backpack_tn.engine.network import largest_intermediate
+from backpack_tn.expressions import weight_batch_l2, weight_diag_ggn
 from backpack_tn.expressions.layer_spec import spec_of
 from test_problems import references
 from test_problems.cases import Problem
@@ -435,6 +437,53 @@ def test_unfolding_vjps_one_sample_per_block(
     vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     derivatives = _tn_derivatives(layer_problem, strategy)
     _check_ggn_diagonals(layer_problem, derivatives, mat, vjps)
+
+
+@mark.parametrize("strategy", ["tn", "tn_unsimplified", "tn_lowered"])
+def test_squared_networks_in_sample_blocks(
+    layer_problem: Problem, strategy: str, monkeypatch
+):
+    """Single squared networks give the same sums evaluated one sample at a time.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: A network strategy.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    mat = _randn(3, *module.output.shape, like=x)
+    for bound in ("SQUARED_NETWORK_BLOCK_BYTES", "VJP_BLOCK_BYTES_GPU"):
+        monkeypatch.setattr(implementations, bound, 1)
+    calls = []
+    evaluate = implementations.evaluate
+
+    def counted(*args):
+        calls.append(args)
+        return evaluate(*args)
+
+    monkeypatch.setattr(implementations, "evaluate", counted)
+    spec = spec_of(module, x.shape, module.output.shape)
+    vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
+    for sum_batch in SUM_BATCH:
+        expected = vjps.square().sum((0, 1) if sum_batch else 0)
+        result = implementations._tn_weight_diag_ggn(
+            module, spec, strategy, x, mat, sum_batch
+        )
+        name = f"weight_diag_ggn(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+    expected = vjps.square().flatten(2).sum((0, 2))
+    result = implementations._tn_weight_batch_l2(module, spec, strategy, x, mat)
+    assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
+    networks = [
+        weight_diag_ggn.tensor_network(spec, x, mat, sum_batch)
+        for sum_batch in SUM_BATCH
+    ] + [weight_batch_l2.tensor_network(spec, x, mat)]
+    blocked = sum(
+        largest_intermediate(implementations.prepare(net, strategy)) > math.prod(shape)
+        for net, shape in networks
+    )
+    samples = x.shape[0]
+    assert len(calls) == (blocked * samples if samples > 1 else 0)
 
 
 def _check_ggn_diagonals(problem: Problem, derivatives, mat: Tensor, vjps: Tensor):

@@ -203,6 +203,7 @@ def test_layouts_and_settings_get_their_own_plans(conv_problem: Problem):
         "INPUT_VJP_BLOCK_BYTES",
         "INPUT_VJP_ONE_CALL_BYTES",
         "UNFOLDED_BLOCK_BYTES",
+        "SQUARED_NETWORK_BLOCK_BYTES",
         "INPUT_VJP_BLOCK_POSITIONS",
         "INPUT_VJP_BLOCK_WEIGHT_BYTES",
         "INPUT_VJP_BLOCK_SAMPLE_BYTES",
