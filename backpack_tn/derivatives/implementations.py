@@ -217,8 +217,8 @@ def _tn_squared(
     if mat.is_cuda:
         bound = VJP_BLOCK_BYTES_GPU
     else:
-        unfolded = spec.in_channels * math.prod(spec.kernel_size) * spec.num_positions
-        bound = min(SQUARED_NETWORK_BLOCK_BYTES, samples * unfolded * size // 2)
+        unfolded = samples * _unfolded_sample_bytes(spec, size)
+        bound = min(SQUARED_NETWORK_BLOCK_BYTES, unfolded // 2)
     if samples == 1 or largest <= max(bound, math.prod(shape) * size):
         return prepared.contract().reshape(shape)
     step = _even(samples, max(1, bound * samples // largest))
@@ -233,6 +233,15 @@ def _tn_squared(
             result = part.new_empty(shape)
         result[block].copy_(part)
     return result
+
+
+def _unfolded_sample_bytes(spec: LayerSpec, size: int) -> int:
+    """Bytes of one sample's unfolded input ``[C_in, *K, *O]`` (Linear: its input).
+
+    Returns:
+        ``C_in * prod(K) * prod(O) * size``.
+    """
+    return spec.in_channels * math.prod(spec.kernel_size) * spec.num_positions * size
 
 
 def _tn_weight_diag_ggn(module, spec, strategy, x, mat, sum_batch):
@@ -821,8 +830,7 @@ def _vjp_blocks(
     one = math.prod(spec.weight_shape) * size
     unfolded = 0
     if strategy in UNFOLDING_VJPS and spec.kind != "linear" and not mat.is_cuda:
-        unfolded = spec.in_channels * math.prod(spec.kernel_size) * spec.num_positions
-        unfolded *= size
+        unfolded = _unfolded_sample_bytes(spec, size)
     limit = VJP_BLOCK_BYTES_GPU if mat.is_cuda else VJP_BLOCK_BYTES
     if vectors * one <= limit:
         step_v, step_n = vectors, max(1, limit // (vectors * one))
