@@ -118,7 +118,8 @@ class TNDerivativesMixin:
     Args:
         strategy: How to evaluate the products, one of
             :data:`~backpack_tn.derivatives.choice.STRATEGIES`. ``'auto'``
-            (default) picks per layer and product.
+            (default) picks per layer and product by a cost model, ``'autotune'``
+            by timing the candidates once per configuration.
     """
 
     def __init__(self, strategy: str = "auto"):

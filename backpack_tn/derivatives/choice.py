@@ -60,8 +60,9 @@ Norms and GGN diagonals of small Linear layers square their per-sample VJPs (thr
 launches), and Gram matrices take one GEMM below
 :data:`~backpack_tn.engine.gram.GPU_MIN_BLOCK_MACS`.
 
-With :func:`set_autotune`, ``auto`` instead times every candidate once per
-configuration and keeps the fastest (like cuDNN's benchmark mode).
+The strategy ``autotune`` (or ``auto`` after :func:`set_autotune`) instead times
+every candidate once per configuration and keeps the fastest (like cuDNN's benchmark
+mode).
 """
 
 from __future__ import annotations
@@ -99,14 +100,27 @@ from backpack_tn.expressions import (
 from backpack_tn.expressions.layer_spec import LayerSpec
 
 #: Strategies a derivative class accepts.
-STRATEGIES = ("auto", *TN_STRATEGIES, "kernel", "unfold", *STOCK_WEIGHT_VJP)
+#: The strategy that times the candidates once per configuration, as ``auto`` does
+#: after ``set_autotune(True)``: an opt-in for one extension or derivatives object.
+AUTOTUNE = "autotune"
+STRATEGIES = (
+    "auto",
+    AUTOTUNE,
+    *TN_STRATEGIES,
+    "kernel",
+    "unfold",
+    *STOCK_WEIGHT_VJP,
+)
 
 _AUTOTUNE = {"enabled": False}
-_TUNED: dict[tuple, str] = {}
+_TUNED: dict[tuple, tuple[str, str]] = {}
 
 
 def set_autotune(enabled: bool):
     """Let ``auto`` time the candidates once per configuration instead of guessing.
+
+    Every derivatives object with strategy ``auto`` then behaves as with strategy
+    ``autotune``. Either way, the measurements are shared and cleared here.
 
     Args:
         enabled: Whether to measure. Measurements are cached per
@@ -141,7 +155,9 @@ def set_host_probe(
 
 
 def autotune_enabled() -> bool:
-    """Whether ``auto`` measures its candidates (see :func:`set_autotune`).
+    """Whether ``auto`` measures its candidates, as ``autotune`` always does.
+
+    See :func:`set_autotune`.
 
     Returns:
         The current setting.
@@ -180,6 +196,8 @@ def choose(
     Returns:
         The implementation key and a one-sentence reason.
     """
+    if strategy == AUTOTUNE or (strategy == "auto" and _AUTOTUNE["enabled"]):
+        return _autotuned(op, module, spec, tensors)
     candidates = IMPLEMENTATIONS[op]
     if strategy in STOCK_WEIGHT_VJP:
         if spec.kind == "linear":
@@ -200,8 +218,6 @@ def choose(
             )
         key, reason = choose(op, module, spec, "auto", tensors)
         return key, f"{reason} (strategy {strategy!r} does not cover {op})"
-    if _AUTOTUNE["enabled"]:
-        return _autotuned(op, module, spec, tensors)
     key = (op, spec, _signature(tensors))
     if key not in _CHOSEN:
         if len(_CHOSEN) >= MAX_CACHED_CHOICES:
@@ -1022,6 +1038,11 @@ _RULES: dict[str, Callable] = {
 
 
 def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
+    """The fastest candidate of ``op``, timed once per configuration.
+
+    Returns:
+        The implementation key and a reason that lists the measured times.
+    """
     key = (op, spec, _signature(tensors))
     if key not in _TUNED:
         candidates = {}
@@ -1035,8 +1056,18 @@ def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
                     continue
             candidates[name] = partial(_call, fn, module, spec, name, tensors)
         timings = fastest_times(candidates, AUTOTUNE_ROUNDS)
-        _TUNED[key] = min(timings, key=timings.get)
-    return _TUNED[key], "fastest candidate measured for this configuration"
+        fastest = min(timings, key=timings.get)
+        times = ", ".join(
+            f"{name} {1e3 * seconds:.3g} ms"
+            for name, seconds in sorted(timings.items(), key=lambda item: item[1])
+        )
+        if len(_TUNED) >= MAX_CACHED_CHOICES:
+            _TUNED.clear()
+        _TUNED[key] = (
+            fastest,
+            (f"fastest candidate measured for this configuration ({times})"),
+        )
+    return _TUNED[key]
 
 
 #: Timed rounds per candidate when autotuning (the fastest counts).

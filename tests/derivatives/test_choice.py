@@ -488,21 +488,31 @@ def test_host_probe_measures_once_and_can_be_turned_off(speedup):
     assert speedup() == 1.0
 
 
-def test_autotune_measures_and_stays_exact():
-    """With autotuning, ``auto`` measures the candidates and results stay exact."""
+@pytest.mark.parametrize("switch", ["set_autotune", "strategy"])
+def test_autotune_measures_and_stays_exact(switch: str):
+    """Autotuning measures the candidates, explains the times and stays exact.
+
+    Either ``auto`` after ``set_autotune(True)`` or the strategy ``autotune``.
+    """
     torch.manual_seed(0)
     module = nn.Conv2d(3, 4, 3, padding=1).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     tensors = _tensors(module, x, "weight_jac_t_mat_prod")
     tensors["mat"] = tensors["mat"].double()
-    derivatives = Conv2DDerivativesTN()
-    set_autotune(True)
+    strategy = "autotune" if switch == "strategy" else "auto"
+    derivatives = Conv2DDerivativesTN(strategy=strategy)
+    set_autotune(switch == "set_autotune")
     try:
         key, reason = derivatives.explain("weight_jac_t_mat_prod", module, **tensors)
-        assert "measured" in reason
+        assert reason.startswith("fastest candidate measured"), reason
+        for candidate in ("kernel", "unfold", "tn_lowered"):
+            assert f"{candidate} " in reason, reason
+        assert key in reason, reason
         actual = derivatives.param_mjp(
             "weight", module, None, None, tensors["mat"], sum_batch=False
         )
+        again = derivatives.explain("weight_jac_t_mat_prod", module, **tensors)
+        assert again == (key, reason), "the measurement is cached"
     finally:
         set_autotune(False)
     expected = references.weight_jac_t_mat_prod(
