@@ -99,10 +99,10 @@ from backpack_tn.expressions import (
 )
 from backpack_tn.expressions.layer_spec import LayerSpec
 
-#: Strategies a derivative class accepts.
 #: The strategy that times the candidates once per configuration, as ``auto`` does
 #: after ``set_autotune(True)``: an opt-in for one extension or derivatives object.
 AUTOTUNE = "autotune"
+#: Strategies a derivative class accepts.
 STRATEGIES = (
     "auto",
     AUTOTUNE,
