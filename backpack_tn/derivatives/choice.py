@@ -220,15 +220,20 @@ def choose(
         return key, f"{reason} (strategy {strategy!r} does not cover {op})"
     key = (op, spec, _signature(tensors))
     if key not in _CHOSEN:
-        if len(_CHOSEN) >= MAX_CACHED_CHOICES:
-            _CHOSEN.clear()
-        _CHOSEN[key] = _RULES[op](spec, tensors)
+        _remember(_CHOSEN, key, _RULES[op](spec, tensors))
     return _CHOSEN[key]
 
 
 #: Bound on the number of cached ``auto`` decisions.
 MAX_CACHED_CHOICES = 4096
 _CHOSEN: dict[tuple, tuple[str, str]] = {}
+
+
+def _remember(cache: dict, key: tuple, choice: tuple[str, str]):
+    """Store a choice, emptying the cache first when it holds ``MAX_CACHED_CHOICES``."""
+    if len(cache) >= MAX_CACHED_CHOICES:
+        cache.clear()
+    cache[key] = choice
 
 
 def _signature(tensors: dict) -> tuple:
@@ -1056,16 +1061,15 @@ def _autotuned(op: str, module: Module, spec: LayerSpec, tensors: dict):
                     continue
             candidates[name] = partial(_call, fn, module, spec, name, tensors)
         timings = fastest_times(candidates, AUTOTUNE_ROUNDS)
-        fastest = min(timings, key=timings.get)
-        times = ", ".join(
-            f"{name} {1e3 * seconds:.3g} ms"
-            for name, seconds in sorted(timings.items(), key=lambda item: item[1])
-        )
-        if len(_TUNED) >= MAX_CACHED_CHOICES:
-            _TUNED.clear()
-        _TUNED[key] = (
-            fastest,
-            (f"fastest candidate measured for this configuration ({times})"),
+        ranked = sorted(timings.items(), key=lambda item: item[1])
+        times = ", ".join(f"{name} {1e3 * seconds:.3g} ms" for name, seconds in ranked)
+        _remember(
+            _TUNED,
+            key,
+            (
+                ranked[0][0],
+                f"fastest candidate measured for this configuration ({times})",
+            ),
         )
     return _TUNED[key]
 
