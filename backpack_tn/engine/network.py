@@ -160,8 +160,9 @@ class TensorNetwork:
                 and not {k, o} & set(net._einsum_output)
             ):
                 outputs.append(pos)
+        padded: dict[tuple, Tensor] = {}  # one pad per operand and padding
         for holder, positions in inputs.items():
-            _lower_input_side(net, positions[::-1], holder)
+            _lower_input_side(net, positions[::-1], holder, padded)
         written = [pos for pos in outputs if _writable(net.operands[pos])]
         for pos in reversed(outputs):
             if pos not in written:
@@ -194,12 +195,16 @@ class TensorNetwork:
         return self.output if self.einsum_output is None else self.einsum_output
 
 
-def _lower_input_side(net: TensorNetwork, positions: list[int], holder: int):
+def _lower_input_side(
+    net: TensorNetwork, positions: list[int], holder: int, padded: dict[tuple, Tensor]
+):
     """Turn patterns into a strided view of the operand they read (in place).
 
     The operand is padded once for all patterns (one copy), then each pattern
-    becomes an ``unfold`` view. The patterns stay in the network for the caller
-    to remove.
+    becomes an ``unfold`` view. An operand that occurs twice with the same patterns
+    (``x`` in squared networks, as the same view of memory) is padded once for
+    both, so that their views are the same and a Gram step reads them with one
+    copy at most. The patterns stay in the network for the caller to remove.
 
     Args:
         net: The network to modify.
@@ -207,10 +212,16 @@ def _lower_input_side(net: TensorNetwork, positions: list[int], holder: int):
             appended to the operand's legs.
         holder: Position of the only dense operand carrying the patterns' ``i``
             legs.
+        padded: Padded operands so far, keyed by the operand's view of memory
+            and the patterns of its dimensions; updated.
     """
     tensor, legs = net.operands[holder], list(net.legs[holder])
     patterns = {legs.index(net.legs[pos][2]): net.operands[pos] for pos in positions}
-    tensor = pad(tensor, patterns)
+    view = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    key = (view, tuple(sorted(patterns.items())))
+    if key not in padded:
+        padded[key] = pad(tensor, patterns)
+    tensor = padded[key]
     for pos in positions:
         pattern: IndexPattern = net.operands[pos]
         k, o, i = net.legs[pos]

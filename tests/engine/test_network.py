@@ -77,6 +77,26 @@ def test_two_patterns_on_one_operand(patterns, lower_all):
     assert_allclose_report(simplified.contract(), net.contract(), name="simplified")
 
 
+@pytest.mark.parametrize("pattern", NETWORK_PATTERNS, ids=str)
+def test_one_pad_for_an_operand_used_twice(pattern):
+    """Both copies of an operand become one view of one padded tensor (a Gram step).
+
+    ``Σ_{o, p} (Σ_{k, c} x[n, c, i] Π[k, o, i]) (Σ_{k, c} x[n, c, j] Π[k, p, j])
+    g[o, p]`` holds ``x`` twice, as squared networks of per-sample VJPs do.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, pattern.input_size, dtype=torch.float64)
+    g = torch.randn(pattern.output_size, pattern.output_size, dtype=torch.float64)
+    legs = [("n", "c", "i"), ("k", "o", "i"), ("n", "c", "j"), ("k", "p", "j")]
+    net = TensorNetwork([x, pattern, x, pattern, g], [*legs, ("o", "p")], ("n",))
+    lowered = net.simplify(lower_all=True)
+    first, second = lowered.operands[:2]
+    assert not lowered.patterns
+    assert first.data_ptr() == second.data_ptr()
+    assert (first.shape, first.stride()) == (second.shape, second.stride())
+    assert_allclose_report(lowered.contract(), net.contract(), name="lowered")
+
+
 #: Pairs of non-overlapping patterns on the result's legs: both tile the input
 #: exactly (a reshape), only one does, zero padding, and a scatter-added mode.
 OUTPUT_PATTERN_PAIRS = [
