@@ -820,14 +820,19 @@ def _cheaper_squared(
     strategy: str,
     tensors: dict,
     vjp_key: str = "",
-    lower_unpadded: bool = False,
+    lower: bool = False,
 ) -> tuple[str, str]:
     """Single squared network or squared per-sample VJPs, by FLOPs.
 
-    Unpadded patterns lower to views of the input without a copy. Where that saves
-    FLOPs it was faster (per-sample norms of Inception's unpadded stride-2 17x17
-    layers at N = 4: 1.73 → 0.87 ms); with padding it was not (ResNet18's padded
-    stride-2 256x14x14 layer: 1.42 → 1.90 ms).
+    With ``lower``, the single network may also be lowered: its patterns become
+    strided views of the input, padded once for both of its copies of ``x``, and
+    its FLOPs count ``LOWERED_SPEEDUP`` times cheaper, as the lowered VJPs' do
+    (GEMMs on one copy of the unfolded input). Batch L2 norms at N = 8 on the 30
+    convolutions of 3c3d, 2c2d, All-CNN-C, AlexNet and ResNet18 (2 cores): the
+    lowered network took 0.43-0.57x of the dense-pattern one's time where it
+    needed 0.56-0.70x of the FLOPs (192x16x16 stride 2: 0.56x), 0.71-0.95x where
+    it needed 0.7-0.9x (64x14x14: 0.71x), and it lost where it needed more
+    (512x7x7, 4.5x the FLOPs: 4.8x the time; 96x16x16, 1.3x: 0.90x).
 
     Args:
         op: ``weight_diag_ggn`` or ``weight_batch_l2``.
@@ -836,8 +841,8 @@ def _cheaper_squared(
         tensors: The op's tensor arguments.
         vjp_key: The VJPs' evaluation, whose speed per FLOP weights their FLOPs
             (``_vjp_speedup``).
-        lower_unpadded: Whether a single network with unpadded patterns may be
-            lowered (``tn_lowered``) where that needs fewer FLOPs.
+        lower: Whether the single network may be lowered (``tn_lowered``)
+            where that costs less.
 
     Returns:
         The implementation key and the reason.
@@ -851,22 +856,28 @@ def _cheaper_squared(
     speedup, route = _vjp_speedup(vjp_key)
     via_vjp = flops(prepare(vjp, "tn_lowered")) / speedup
     weighted = f", counted {speedup:g}x faster by {route}" if speedup != 1 else ""
-    if single < via_vjp:
+    lowered = None
+    if lower and strategy != "tn_lowered" and not _non_overlapping(spec):
+        lowered = flops(prepare(net, "tn_lowered"))
+        if lowered / LOWERED_SPEEDUP >= single:
+            lowered = None
+    cheapest = single if lowered is None else lowered / LOWERED_SPEEDUP
+    if cheapest < via_vjp:
         reason = (
             f"one network without per-sample VJPs ({single:.2e} FLOPs) is cheaper"
             f" than forming them ({via_vjp:.2e} FLOPs{weighted})"
         )
-        if lower_unpadded and all(p.is_unpadded for p in spec.patterns):
-            lowered = flops(prepare(net, "tn_lowered"))
-            if lowered < single:
-                return "tn_lowered", (
-                    f"{reason}; its unpadded patterns as strided views need fewer"
-                    f" FLOPs ({lowered:.2e}) than as dense patterns ({single:.2e})"
-                )
+        if lowered is not None:
+            return "tn_lowered", (
+                f"one network without per-sample VJPs, its patterns as strided"
+                f" views ({lowered:.2e} FLOPs, counted {LOWERED_SPEEDUP:g}x faster"
+                f" by GEMMs), is cheaper than with dense patterns ({single:.2e}"
+                f" FLOPs) and than forming the VJPs ({via_vjp:.2e} FLOPs{weighted})"
+            )
         return strategy, reason
     return f"{strategy}{SQUARE}", (
         f"forming per-sample VJPs ({via_vjp:.2e} FLOPs{weighted}) is cheaper than"
-        f" one network without them ({single:.2e} FLOPs)"
+        f" one network without them ({cheapest:.2e} FLOPs)"
     )
 
 
@@ -910,9 +921,7 @@ def _squared_rule(op: str) -> Callable:
         vjp_key, vjp_reason = _weight_vjp_rule(spec, tensors)
         if _on_gpu(tensors):
             return _gpu_squared_rule(op, spec, tensors, vjp_key, vjp_reason)
-        key, reason = _cheaper_squared(
-            op, spec, "tn", tensors, vjp_key, lower_unpadded=True
-        )
+        key, reason = _cheaper_squared(op, spec, "tn", tensors, vjp_key, lower=True)
         if not key.endswith(SQUARE):
             return key, reason
         return f"{vjp_key}{SQUARE}", f"{reason}; VJPs: {vjp_reason}"
