@@ -827,12 +827,13 @@ def _cheaper_squared(
     With ``lower``, the single network may also be lowered: its patterns become
     strided views of the input, padded once for both of its copies of ``x``, and
     its FLOPs count ``LOWERED_SPEEDUP`` times cheaper, as the lowered VJPs' do
-    (GEMMs on one copy of the unfolded input). Batch L2 norms at N = 8 on the 30
-    convolutions of 3c3d, 2c2d, All-CNN-C, AlexNet and ResNet18 (2 cores): the
-    lowered network took 0.43-0.57x of the dense-pattern one's time where it
-    needed 0.56-0.70x of the FLOPs (192x16x16 stride 2: 0.56x), 0.71-0.95x where
-    it needed 0.7-0.9x (64x14x14: 0.71x), and it lost where it needed more
-    (512x7x7, 4.5x the FLOPs: 4.8x the time; 96x16x16, 1.3x: 0.90x).
+    (GEMMs on one copy of the unfolded input). Batch L2 norms at N = 8 on the 25
+    overlapping convolutions of 3c3d, 2c2d, All-CNN-C, AlexNet and ResNet18 (2
+    cores): the lowered network was faster than the dense-pattern one wherever it
+    needed fewer FLOPs (0.17-0.90x of them: 0.17-0.88x of the time; 192x16x16
+    stride 2: 0.58x, 0.56x) and up to 1.3x as many (64x14x14, 1.12x: 0.71x;
+    96x16x16, 1.32x: 0.90x, a near-tie at this weight), and slower from about
+    twice as many (192x8x8, 1.96x: 2.3x; 512x7x7, 4.6x: 4.8x).
 
     Args:
         op: ``weight_diag_ggn`` or ``weight_batch_l2``.

@@ -213,11 +213,13 @@ def _lower_input_side(
         holder: Position of the only dense operand carrying the patterns' ``i``
             legs.
         padded: Padded operands so far, keyed by the operand's view of memory
-            and the patterns of its dimensions; updated.
+            (and whether it records gradients) and the patterns of its dimensions;
+            updated.
     """
     tensor, legs = net.operands[holder], list(net.legs[holder])
     patterns = {legs.index(net.legs[pos][2]): net.operands[pos] for pos in positions}
-    view = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    view = (tensor.data_ptr(), tensor.device, tensor.shape, tensor.stride())
+    view += (tensor.dtype, tensor.requires_grad)
     key = (view, tuple(sorted(patterns.items())))
     if key not in padded:
         padded[key] = pad(tensor, patterns)
