@@ -857,11 +857,11 @@ def _cheaper_squared(
     speedup, route = _vjp_speedup(vjp_key)
     via_vjp = flops(prepare(vjp, "tn_lowered")) / speedup
     weighted = f", counted {speedup:g}x faster by {route}" if speedup != 1 else ""
-    lowered = None
+    lowered = None  # the lowered network's FLOPs, where they count as cheaper
     if lower and strategy != "tn_lowered" and not _non_overlapping(spec):
-        lowered = flops(prepare(net, "tn_lowered"))
-        if lowered / LOWERED_SPEEDUP >= single:
-            lowered = None
+        cost = flops(prepare(net, "tn_lowered"))
+        if cost / LOWERED_SPEEDUP < single:
+            lowered = cost
     cheapest = single if lowered is None else lowered / LOWERED_SPEEDUP
     if cheapest < via_vjp:
         reason = (

@@ -24,7 +24,7 @@ from torch import Tensor, einsum, stack
 
 from backpack_tn.engine.gemm import NARROW_COLUMNS, gemm_nt
 from backpack_tn.engine.gram import gram
-from backpack_tn.engine.layout import by_stride, flat_view
+from backpack_tn.engine.layout import by_stride, flat_view, view_key
 from backpack_tn.engine.tape import recording
 
 #: Path optimisers accepted by :func:`set_optimizer`: ``'dp-combo'`` and opt_einsum's.
@@ -758,14 +758,9 @@ def _same_view(first: Tensor, second: Tensor) -> bool:
     """Whether two tensors view the same memory the same way.
 
     Returns:
-        ``True`` for the same data pointer, shape, strides and dtype.
+        ``True`` for the same tensor or equal :func:`view_key`.
     """
-    return first is second or (
-        first.data_ptr() == second.data_ptr()
-        and first.shape == second.shape
-        and first.stride() == second.stride()
-        and first.dtype == second.dtype
-    )
+    return first is second or view_key(first) == view_key(second)
 
 
 class _Recipe(NamedTuple):

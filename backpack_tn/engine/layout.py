@@ -66,3 +66,13 @@ def sum_in_memory_order(x: Tensor, dims: Sequence[int]) -> Tensor:
     summed = x.permute(order).sum([order.index(d) for d in dims])
     kept = [d for d in order if d not in dims]
     return summed.permute(sorted(range(len(kept)), key=kept.__getitem__))
+
+
+def view_key(x: Tensor) -> tuple:
+    """What makes two tensors the same view of memory, as a hashable key.
+
+    Returns:
+        The data pointer, device, shape, strides, dtype and whether ``x`` records
+        gradients (a tensor and its detached copy are different operands).
+    """
+    return (x.data_ptr(), x.device, x.shape, x.stride(), x.dtype, x.requires_grad)

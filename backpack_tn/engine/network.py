@@ -21,6 +21,7 @@ from torch import Tensor
 
 from backpack_tn.engine.contract import contract, equation_from_legs, path_info
 from backpack_tn.engine.index_pattern import IndexPattern
+from backpack_tn.engine.layout import view_key
 
 Operand = Tensor | IndexPattern
 
@@ -212,15 +213,13 @@ def _lower_input_side(
             appended to the operand's legs.
         holder: Position of the only dense operand carrying the patterns' ``i``
             legs.
-        padded: Padded operands so far, keyed by the operand's view of memory
-            (and whether it records gradients) and the patterns of its dimensions;
-            updated.
+        padded: Padded operands so far, keyed by the operand's
+            :func:`~backpack_tn.engine.layout.view_key` and the patterns of its
+            dimensions; updated.
     """
     tensor, legs = net.operands[holder], list(net.legs[holder])
     patterns = {legs.index(net.legs[pos][2]): net.operands[pos] for pos in positions}
-    view = (tensor.data_ptr(), tensor.device, tensor.shape, tensor.stride())
-    view += (tensor.dtype, tensor.requires_grad)
-    key = (view, tuple(sorted(patterns.items())))
+    key = (view_key(tensor), tuple(sorted(patterns.items())))
     if key not in padded:
         padded[key] = pad(tensor, patterns)
     tensor = padded[key]
