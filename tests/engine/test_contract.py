@@ -365,12 +365,50 @@ def test_outer_free_batches_only_wide_gemms(inner: int, batched: bool):
     for side in sides:
         side.mat = contract._matrices(side.x, side.batch, side.free, side.summed)
     assert sides[0].mat is None
-    contract._batch_outer_free(sides)
+    contract._batch_outer_free(sides, 1)
     assert (sides[0].mat is not None) == batched
     assert sides[0].outer == ([0] if batched else [])
     result = contract._bmm_step(x, y, step)
     expected = torch.einsum("vsa,sb->vab", x, y)
     assert_allclose_report(result, expected, rtol=1e-5, atol=1e-5)
+
+
+#: (columns ``b`` of ``y[n, s, b]`` against ``x[v, n, a, s]``, whether ``y`` is
+#: repeated over ``v`` instead of copying ``x`` sample-major)
+REPEAT_CASES = [(9, True), (64, False)]
+
+
+@pytest.mark.parametrize("columns, repeated", REPEAT_CASES)
+def test_outer_free_joins_the_batch_where_repeating_copies_less(
+    columns: int, repeated: bool
+):
+    """``x[v, n, a, s] y[n, s, b]`` batches over ``(v, n)`` if ``V * |y| < |x|``.
+
+    Args:
+        columns: Size of ``b``.
+        repeated: Whether ``v`` should join the GEMMs' batch.
+    """
+    torch.manual_seed(0)
+    vectors, samples, rows, summed = 10, 3, 32, 50
+    x = torch.randn(vectors, samples, rows, summed)
+    y = torch.randn(samples, summed, columns)
+    step = contract._pairwise("vnas,nsb->vnab")
+    sides = [
+        contract._Side(x, "vnas", [1], [0, 2], [3]),
+        contract._Side(y, "nsb", [0], [2], [1]),
+    ]
+    for side in sides:
+        side.mat = contract._matrices(side.x, side.batch, side.free, side.summed)
+    assert sides[0].mat is None and sides[1].mat is not None
+    contract._batch_outer_free(sides, samples)
+    assert sides[0].outer == ([0] if repeated else [])
+    result = contract._bmm_step(x, y, step)
+    expected = torch.einsum("vnas,nsb->vnab", x, y)
+    assert_allclose_report(result, expected, rtol=1e-5, atol=1e-5)
+    # ``y`` stored column-major, as the second operand
+    y_columns = y.transpose(1, 2).contiguous().transpose(1, 2)
+    swapped = contract._bmm_step(y_columns, x, contract._pairwise("nsb,vnas->vnab"))
+    assert_allclose_report(swapped, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [contract.SMALL_COPY_RATIO, 0], ids=["on", "off"])
