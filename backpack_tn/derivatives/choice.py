@@ -460,6 +460,19 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         lowered = _probed_lowered_rule(spec, vectors, samples, tensors["mat"])
         if lowered is not None:
             return lowered
+    if (
+        spec.in_channels == 1
+        and len(spec.patterns) == 2
+        and vectors > 1
+        and samples <= SINGLE_CHANNEL_SAMPLES
+        and spec.num_positions <= SINGLE_CHANNEL_POSITIONS
+        and not strided
+    ):
+        return "tn_lowered", (
+            f"{vectors} vectors of {samples} sample(s) of a single input channel:"
+            f" {_LOWERED_GEMM}, whose unfolded input holds only the kernel's"
+            f" {prod(spec.kernel_size)} entries per output position"
+        )
     if _stock_compatible(spec) and spec.in_channels == spec.groups:
         # a single input channel (ungrouped Conv2d): the higher-order convolution
         # beat the depthwise routes on 1x28x28, 1x64x64 and 1x128x128 layers (3x3,
@@ -724,6 +737,23 @@ def _probed_rule(
 HIGHER_CONV_MARGIN = 1.0
 
 
+#: Several vectors (GGN diagonals) of at most this many samples on unstrided 2d
+#: layers with a single input channel take the lowered network, on any host. Against the
+#: higher-order convolution, the rule before, V = 10, ratios to the fastest
+#: reference: on 1x28x28 (3x3, 5x5, padded or not) and 1x64x64 maps at N = 1,
+#: 0.71-0.81x against 1.01-1.43x on one AVX2 EPYC VM, where the host probe
+#: (``LOWERED_MARGIN``) gave 1.05 and kept the higher-order convolution; an
+#: earlier VM ran 1x28x28, 1x64x64 and 1x128x128 layers lowered in 0.59-0.94x of
+#: its time. With more samples the two traded places (N = 2: 1x28x28 0.70x
+#: against 1.06x, 1x64x64 0.96x against 0.89x; N = 4 and 8 on 1x64x64: 1.0-2.6x
+#: against 0.97-1.16x). Larger maps than ``SINGLE_CHANNEL_POSITIONS`` output
+#: positions lost on that VM as well: 1x96x96 5x5 1.02x against 0.96x, 1x128x128
+#: 1.11-1.23x against 0.98-1.02x (the earlier VM: 0.93x against 1.34x).
+SINGLE_CHANNEL_SAMPLES = 1
+#: See ``SINGLE_CHANNEL_SAMPLES``.
+SINGLE_CHANNEL_POSITIONS = 64 * 64
+
+
 #: Several vectors on many-channel Conv2d layers from ``MANY_POSITIONS`` output
 #: positions on take the lowered network where the host probe
 #: (``host.lowered_speedup``) ran it more than this many times as fast as the
@@ -733,10 +763,8 @@ HIGHER_CONV_MARGIN = 1.0
 #: 0.60-0.83x at N = 1-8 on 64x56x56, 128x28x28, 96x32x32, 80x73x73 and
 #: 32x147x147 maps, strided or not (the higher-order convolution: 0.71-0.82x);
 #: grouped layers only on one sample (ResNeXt's 512x56x56 g = 32 stride-2 layer
-#: 0.73x at N = 1, 1.18x at N = 2); 3-channel stems lost (1.14x at N = 1). A
-#: single input channel takes it for one sample, where the higher-order
-#: convolution was the rule: 1x28x28 (3x3, 5x5), 1x64x64 and 1x128x128 layers
-#: 0.59-0.94x of its time at N = 1; at N = 4 the 3x3 layers lost (1.1-3.3x).
+#: 0.73x at N = 1, 1.18x at N = 2); 3-channel stems lost (1.14x at N = 1).
+#: Single input channels do not follow this probe (``SINGLE_CHANNEL_SAMPLES``).
 LOWERED_MARGIN = 1.15
 #: Largest unfolded input (``N * C_in * prod(K) * prod(O)`` elements) of that
 #: rule: Inception's 32x147x147 layer took 0.76x at N = 1 (25 MB) but 1.26x at
@@ -750,8 +778,8 @@ def _probed_lowered_rule(
     """The lowered network for several vectors, where the host probe ran it faster.
 
     For 2d convolutions with more than ``FEW_CHANNELS`` input channels per group
-    (several samples: ungrouped only) or one sample of a single input channel, on
-    at least ``MANY_POSITIONS`` output positions; see ``LOWERED_MARGIN``.
+    (several samples: ungrouped only) on at least ``MANY_POSITIONS`` output
+    positions; see ``LOWERED_MARGIN``.
 
     Returns:
         The implementation key and the reason, or ``None`` where the rules decide.
@@ -761,10 +789,7 @@ def _probed_lowered_rule(
     if not (
         spec.kind == "conv"
         and len(spec.patterns) == 2
-        and (
-            spec.in_channels // spec.groups > FEW_CHANNELS
-            or (spec.in_channels == 1 and samples == 1)
-        )
+        and spec.in_channels // spec.groups > FEW_CHANNELS
         and (spec.groups == 1 or samples == 1)
         and spec.num_positions >= MANY_POSITIONS
         and unfolded <= LOWERED_UNFOLDED_BYTES

@@ -256,9 +256,12 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=2), (8, 32, 8, 8), 1, "kernel"),
     (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 32, 32), 10, "higher_conv"),
     # a single input channel is not depthwise: the higher-order convolution, except
-    # for several vectors on strided layers
+    # for several vectors of one sample on small maps (lowered) and strided layers
     (lambda: nn.Conv2d(1, 8, 5, padding=2), (4, 1, 28, 28), 1, "higher_conv"),
     (lambda: nn.Conv2d(1, 8, 3, padding=1), (1, 1, 128, 128), 10, "higher_conv"),
+    (lambda: nn.Conv2d(1, 8, 3, padding=1), (1, 1, 64, 64), 10, "tn_lowered"),
+    (lambda: nn.Conv2d(1, 8, 5), (1, 1, 28, 28), 10, "tn_lowered"),
+    (lambda: nn.Conv2d(1, 8, 3, padding=1), (2, 1, 64, 64), 10, "higher_conv"),
     (lambda: nn.Conv2d(1, 8, 3, 2, padding=1), (1, 1, 28, 28), 10, "unfold"),
     # non-overlapping: the GEMM view, except for several vectors of several samples
     # on large maps with few weight entries per output channel
@@ -437,8 +440,6 @@ LOWERED_PROBE_CASES = [
     ),
     (lambda: nn.Conv2d(3, 64, 3, padding=1), (1, 3, 32, 32), 1.4, "kernel"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 16, 16), 1.4, "unfold"),
-    (lambda: nn.Conv2d(1, 32, 5, padding=2), (1, 1, 28, 28), 1.4, "tn_lowered"),
-    (lambda: nn.Conv2d(1, 32, 5, padding=2), (1, 1, 28, 28), 1.1, "higher_conv"),
     (lambda: nn.Conv2d(1, 32, 5, padding=2), (2, 1, 28, 28), 1.4, "higher_conv"),
 ]
 
@@ -457,6 +458,21 @@ def test_auto_follows_lowered_probe(module_fn, shape, speedup, expected):
     assert key == expected, reason
     if key == "tn_lowered":
         assert f"ran {speedup:.2f}x as fast" in reason
+
+
+@pytest.mark.parametrize("speedup", [0.9, 1.4])
+def test_single_channel_lowers_one_sample_on_any_probe(speedup: float):
+    """One sample of a single input channel is lowered whatever the probe says."""
+    torch.manual_seed(0)
+    module, x = nn.Conv2d(1, 32, 5, padding=2), torch.randn(1, 1, 28, 28)
+    set_host_probe(False, 1.0, speedup)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(10, *module.output.shape)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **tensors
+    )
+    assert key == "tn_lowered", reason
+    assert "single input channel" in reason and "host probe" not in reason
 
 
 def test_lowered_probe_rule_bounds_the_unfolded_input(monkeypatch):
