@@ -451,17 +451,13 @@ def _bmm_step(a: Tensor, b: Tensor, step: _Pairwise) -> Tensor:
     if first_free is not None and first_free in step.second:
         sides.reverse()  # rows: the side whose legs the result lists first
     rows, cols = (side.mat for side in sides)
-    if rows.shape[0] != cols.shape[0]:  # one side's outer free dimensions batch
-        count = max(rows.shape[0], cols.shape[0])
-        rows, cols = _repeated(rows, count), _repeated(cols, count)
-    outer = [(side, side.outer) for side in sides]
-    free = [(side, side.free) for side in sides]
-    legs = [side.letters[d] for side, ds in outer for d in ds] + list(batch)
-    legs += [side.letters[d] for side, ds in free for d in ds]
-    sizes = [side.x.shape[d] for side, ds in outer for d in ds]
-    sizes += [big.shape[dims_big[leg]] for leg in batch]
-    sizes += [side.x.shape[d] for side, ds in free for d in ds]
-    result = gemm_nt(rows, cols).view(sizes)
+    count = max(rows.shape[0], cols.shape[0])  # with one side's outer free dims
+    rows, cols = _repeated(rows, count), _repeated(cols, count)
+    legs = [side.letters[d] for side in sides for d in side.outer] + list(batch)
+    legs += [side.letters[d] for side in sides for d in side.free]
+    size = dict(zip(step.first, a.shape, strict=True))
+    size.update(zip(step.second, b.shape, strict=True))
+    result = gemm_nt(rows, cols).view([size[leg] for leg in legs])
     return result.permute([legs.index(leg) for leg in step.output])
 
 
