@@ -353,6 +353,17 @@ DEPTHWISE_LOWERED_POSITIONS = (64, 1024)
 #: against 6.9 ms). The engine avoids that copy by slicing only for GEMMs of at
 #: least ``contract.MIN_SLICE_ROWS`` rows (output channels), which these layers lack.
 NARROW_GEMM = 48
+#: Strided layers with at most ``FEW_CHANNELS`` input channels and several vectors
+#: lower their patterns from this many unfolded entries per output position
+#: (``C_in * prod(K)``) on. GGN diagonals (V = 10, 2 cores, AVX2) with the lowered
+#: network against the kernel route: AlexNet's 3x224x224 11x11 stride-4 stem at N = 1,
+#: 4 and 8 0.83, 0.82, 0.66 against 1.04, 1.23, 1.26 of the unfold reference's time;
+#: ResNet18's 7x7 stride-2 stem 0.95, 0.68, 0.56 against 1.09, 0.67, 0.64; 8x56x56 3x3
+#: 0.74 against 1.49, 6x64x64 3x3 0.67 against 1.45, 4x112x112 5x5 0.83 against 2.19,
+#: 3x128x128 5x5 at N = 1 0.87 against 1.15 (all N = 4 unless given). With 27 entries
+#: (3-channel 3x3 stride-2 stems at N = 4) the kernel route won, 0.32-0.39 against
+#: 0.51-0.92.
+STRIDED_FEW_CHANNEL_ROWS = 48
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
 MANY_POSITIONS = 512
@@ -521,6 +532,13 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     few = channels <= FEW_CHANNELS and spec.groups == 1
     if few and not strided and samples > 1 and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, vectors, samples)
+    rows = channels * prod(spec.kernel_size)
+    if few and strided and len(spec.patterns) == 2 and rows >= STRIDED_FEW_CHANNEL_ROWS:
+        return "tn_lowered", (
+            f"{vectors} vectors, strided with {channels} input channels and"
+            f" {rows} unfolded entries per output position: {_LOWERED_GEMM}, wide"
+            " enough to beat the convolution kernel's strided weight gradient"
+        )
     # GGN diagonals (V = 10) of the 32 such layers of the nine networks, squared
     # lowered VJPs against squared dense-pattern ones: 0.89x of their time at N = 4
     # (geometric mean; 0.72-1.02x, 512x7x7 0.76x), 0.92x and 0.88x at N = 2 and 8

@@ -277,7 +277,15 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12), 10, "unfold"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8), 10, "unfold"),
     (lambda: nn.Conv2d(3, 16, 3, padding=1), (1, 3, 32, 32), 10, "kernel"),
-    (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 64, 64), 10, "kernel"),
+    # strided with few input channels and several vectors: lowered from 48 unfolded
+    # entries per output position (C_in * prod(K)) on, the kernel route below
+    (lambda: nn.Conv2d(3, 16, 7, 2, padding=3), (4, 3, 64, 64), 10, "tn_lowered"),
+    (lambda: nn.Conv2d(3, 16, 11, 4, padding=2), (1, 3, 96, 96), 10, "tn_lowered"),
+    (lambda: nn.Conv2d(8, 16, 3, 2, padding=1), (4, 8, 56, 56), 10, "tn_lowered"),
+    (lambda: nn.Conv2d(3, 16, 3, 2, padding=1), (4, 3, 112, 112), 10, "kernel"),
+    (lambda: nn.Conv2d(5, 16, 3, 2, padding=1), (4, 5, 64, 64), 10, "kernel"),
+    (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 64, 64), 10, "kernel"),
+    (lambda: nn.Conv2d(3, 16, 11, 4, padding=2), (4, 3, 96, 96), 1, "higher_conv"),
     (lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 12, 12), 1, "kernel"),
     # medium maps with many channels: the lowered network from 4 samples on
     (lambda: nn.Conv2d(64, 96, 3), (4, 64, 14, 14), 1, "tn_lowered"),
