@@ -83,6 +83,7 @@ from backpack_tn.derivatives.implementations import (
     SQUARE,
     STOCK_WEIGHT_VJP,
     TN_STRATEGIES,
+    UNFOLDED_BLOCK_BYTES,
     check_stock_strategy,
     input_vjp_step,
     lag_applies,
@@ -362,7 +363,10 @@ NARROW_GEMM = 48
 #: 0.74 against 1.49, 6x64x64 3x3 0.67 against 1.45, 4x112x112 5x5 0.83 against 2.19,
 #: 3x128x128 5x5 at N = 1 0.87 against 1.15 (all N = 4 unless given). With 27 entries
 #: (3-channel 3x3 stride-2 stems at N = 4) the kernel route won, 0.32-0.39 against
-#: 0.51-0.92.
+#: 0.51-0.92. Where a sample's vectors exceed ``UNFOLDED_BLOCK_BYTES`` the lowered
+#: network's blocks of one sample copy them (ResNet18's stem at N = 4: 38 MiB peak
+#: against 31 MiB for the leanest reference and 4 MiB for the kernel route), so
+#: such layers keep the kernel route from two samples on.
 STRIDED_FEW_CHANNEL_ROWS = 48
 #: From this many output positions on, batched convolution kernels beat the
 #: dense-pattern network for several vectors (measured on 2d layers, 2 CPU cores).
@@ -533,7 +537,13 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
     if few and not strided and samples > 1 and _higher_conv_applies(spec):
         return "higher_conv", _higher_conv_reason(spec, vectors, samples)
     rows = channels * prod(spec.kernel_size)
-    if few and strided and len(spec.patterns) == 2 and rows >= STRIDED_FEW_CHANNEL_ROWS:
+    if (
+        few
+        and strided
+        and len(spec.patterns) == 2
+        and rows >= STRIDED_FEW_CHANNEL_ROWS
+        and _copied_vectors(tensors["mat"]) <= UNFOLDED_BLOCK_BYTES
+    ):
         return "tn_lowered", (
             f"{vectors} vectors, strided with {channels} input channels and"
             f" {rows} unfolded entries per output position: {_LOWERED_GEMM}, wide"
@@ -554,6 +564,25 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " channels beat batched convolutions"
         )
     return "kernel", _KERNEL_REASON
+
+
+def _copied_vectors(mat: Tensor) -> int:
+    """Bytes of vectors that a block of one sample of lowered per-sample VJPs copies.
+
+    Several vectors of some of several samples have no GEMM view (vectors and
+    output channels do not merge), so such a block copies them sample-major; blocks
+    of samples hold at most ``UNFOLDED_BLOCK_BYTES`` of copied vectors, or one
+    sample's.
+
+    Args:
+        mat: Vectors of shape ``[V, N, C_out, *O]``.
+
+    Returns:
+        The bytes of one sample's vectors, ``0`` for a single sample.
+    """
+    if mat.shape[1] == 1:
+        return 0
+    return mat[:, 0].numel() * mat.element_size()
 
 
 _KERNEL_REASON = (

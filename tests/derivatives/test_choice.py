@@ -283,6 +283,9 @@ VECTOR_RULE_CASES = [
     (lambda: nn.Conv2d(3, 16, 11, 4, padding=2), (1, 3, 96, 96), 10, "tn_lowered"),
     (lambda: nn.Conv2d(8, 16, 3, 2, padding=1), (4, 8, 56, 56), 10, "tn_lowered"),
     (lambda: nn.Conv2d(3, 16, 3, 2, padding=1), (4, 3, 112, 112), 10, "kernel"),
+    # ... unless blocks of one sample would copy more than 8 MiB of its vectors
+    (lambda: nn.Conv2d(3, 64, 7, 2, padding=3), (2, 3, 224, 224), 10, "kernel"),
+    (lambda: nn.Conv2d(3, 64, 7, 2, padding=3), (1, 3, 224, 224), 10, "tn_lowered"),
     (lambda: nn.Conv2d(5, 16, 3, 2, padding=1), (4, 5, 64, 64), 10, "kernel"),
     (lambda: nn.Conv2d(16, 16, 3, 2, padding=1), (4, 16, 64, 64), 10, "kernel"),
     (lambda: nn.Conv2d(3, 16, 11, 4, padding=2), (4, 3, 96, 96), 1, "higher_conv"),
