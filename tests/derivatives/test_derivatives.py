@@ -439,6 +439,38 @@ def test_unfolding_vjps_one_sample_per_block(
     _check_ggn_diagonals(layer_problem, derivatives, mat, vjps)
 
 
+#: (vectors, samples, copied-vector budget in samples, expected samples per block)
+COPY_BOUND_CASES = [(3, 8, 2, 2), (3, 8, 8, 8), (3, 8, 0, 1), (1, 8, 1, 8)]
+
+
+@mark.parametrize("vectors, samples, budget, expected", COPY_BOUND_CASES)
+def test_unfolding_vjp_blocks_bound_copied_vectors(
+    vectors: int, samples: int, budget: int, expected: int, monkeypatch
+):
+    """Blocks of several vectors hold at most the bound of sample-major copies.
+
+    Args:
+        vectors: Number of vectors.
+        samples: Batch size.
+        budget: ``UNFOLDED_BLOCK_BYTES`` in multiples of one sample's vectors.
+        expected: Samples per block (one vector: no copy, all samples).
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module = nn.Conv2d(2, 4, 3, stride=2)
+    x = randn(samples, 2, 9, 9)
+    out_shape = module(x).shape
+    mat = randn(vectors, *out_shape)
+    one_sample = vectors * mat[0, 0].numel() * mat.element_size()
+    monkeypatch.setattr(
+        implementations, "UNFOLDED_BLOCK_BYTES", max(1, budget * one_sample)
+    )
+    monkeypatch.setattr(implementations, "_unfolded_sample_bytes", lambda *_: 1)
+    spec = spec_of(module, x.shape, out_shape)
+    blocks = list(implementations._vjp_blocks(spec, mat, "tn_lowered+square"))
+    sizes = {(v.stop - v.start, n.stop - n.start) for v, n in blocks}
+    assert sizes == {(vectors, expected)}, sizes
+
+
 @mark.parametrize("strategy", ["tn", "tn_unsimplified", "tn_lowered"])
 def test_squared_networks_in_sample_blocks(
     layer_problem: Problem, strategy: str, monkeypatch
