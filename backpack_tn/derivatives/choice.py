@@ -89,6 +89,7 @@ from backpack_tn.derivatives.implementations import (
     lag_applies,
     lag_zeros,
     prepare,
+    sample_vector_bytes,
 )
 from backpack_tn.engine import lag_gram
 from backpack_tn.engine.gram import num_blocks
@@ -542,7 +543,9 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
         and strided
         and len(spec.patterns) == 2
         and rows >= STRIDED_FEW_CHANNEL_ROWS
-        and _copied_vectors(tensors["mat"]) <= UNFOLDED_BLOCK_BYTES
+        and (
+            samples == 1 or sample_vector_bytes(tensors["mat"]) <= UNFOLDED_BLOCK_BYTES
+        )
     ):
         return "tn_lowered", (
             f"{vectors} vectors, strided with {channels} input channels and"
@@ -564,25 +567,6 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             " channels beat batched convolutions"
         )
     return "kernel", _KERNEL_REASON
-
-
-def _copied_vectors(mat: Tensor) -> int:
-    """Bytes of vectors that a block of one sample of lowered per-sample VJPs copies.
-
-    Several vectors of some of several samples have no GEMM view (vectors and
-    output channels do not merge), so such a block copies them sample-major; blocks
-    of samples hold at most ``UNFOLDED_BLOCK_BYTES`` of copied vectors, or one
-    sample's.
-
-    Args:
-        mat: Vectors of shape ``[V, N, C_out, *O]``.
-
-    Returns:
-        The bytes of one sample's vectors, ``0`` for a single sample.
-    """
-    if mat.shape[1] == 1:
-        return 0
-    return mat[:, 0].numel() * mat.element_size()
 
 
 _KERNEL_REASON = (

@@ -842,10 +842,27 @@ def _vjp_blocks(
     if unfolded:
         step_n = min(step_n, max(1, UNFOLDED_BLOCK_BYTES // unfolded))
         if step_v > 1:
-            # several vectors of several samples are copied sample-major
-            copied = math.prod(mat.shape[2:]) * step_v * size
+            copied = sample_vector_bytes(mat, step_v)
             step_n = min(step_n, max(1, UNFOLDED_BLOCK_BYTES // copied))
     yield from _blocks(vectors, samples, step_v, step_n)
+
+
+def sample_vector_bytes(mat: Tensor, vectors: int | None = None) -> int:
+    """Bytes of some vectors of one sample.
+
+    A block of several vectors of some of several samples has no GEMM view of them
+    (vectors and output channels do not merge), so the lowered network copies them
+    sample-major, these bytes per sample.
+
+    Args:
+        mat: Vectors of shape ``[V, N, C_out, *O]``.
+        vectors: How many of the ``V`` vectors (default: all).
+
+    Returns:
+        ``vectors * C_out * prod(O)`` times the element size.
+    """
+    count = mat.shape[0] if vectors is None else vectors
+    return count * mat[0, 0].numel() * mat.element_size()
 
 
 def _blocks(
