@@ -41,8 +41,7 @@ HELP = ("-h", "--help")
 
 #: Internal commands, dispatched before argument parsing and not listed in --help.
 _INTERNAL = {
-    "bench-worker": "backpack_tn.benchmark.memory:worker_main",
-    "run-worker": "backpack_tn.benchmark.network_run:worker_main",
+    "fork-server": "backpack_tn.benchmark.fork_server:serve",
 }
 
 

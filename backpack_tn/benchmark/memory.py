@@ -1,8 +1,9 @@
 """Peak memory of one method, measured so that methods cannot affect each other.
 
-CPU: every (layer, op, method) runs in a fresh process
-(``python -m backpack_tn bench-worker ...``) in which glibc serves every block of
-64 KiB or more by ``mmap`` and returns freed memory at once
+CPU: every (layer, op, method) runs in a fresh process, forked from a fork
+server (``multiprocessing``'s ``forkserver``: a fresh interpreter that has only
+imported torch and this package), in which glibc serves every block of 64 KiB or
+more by ``mmap`` and returns freed memory at once
 (``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=65536``), so the resident set
 follows the live tensors. The worker creates the inputs first, then resets the
 kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``) and reports
@@ -17,26 +18,24 @@ CUDA: in the benchmark process, ``torch.cuda.max_memory_allocated`` after
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import os
 import resource
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from backpack_tn.benchmark.fork_server import ForkServer
 from backpack_tn.benchmark.layers import LayerSpec, parse_layer_spec
 from backpack_tn.benchmark.ops import get_method, prepare
 from backpack_tn.benchmark.timing import LIVE_THRESHOLD
+from backpack_tn.derivatives import host
 
 #: Environment of the CPU memory workers.
 MALLOC_ENV = dict.fromkeys(
     ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"), str(LIVE_THRESHOLD)
 )
-_RESULT_TAG = "BENCH-WORKER-RESULT "
 #: Calls per memory measurement: the first is reported as cold, the last as warm.
 MEASURED_CALLS = 3
 
@@ -237,7 +236,11 @@ def measure_in_subprocess(
     mem_limit: int | None = None,
     timeout: float = 600.0,
 ) -> MemoryResult:
-    """Measure one method on CPU in a fresh ``bench-worker`` process.
+    """Measure one method on CPU in a fresh child of the memory workers' fork server.
+
+    The worker takes this process's host-probe results (see
+    :mod:`backpack_tn.derivatives.host`), so that ``auto`` measures the routes
+    that were timed here.
 
     Args:
         spec: Layer configuration (its string travels to the worker).
@@ -251,115 +254,73 @@ def measure_in_subprocess(
         timeout: Seconds before the worker is stopped.
 
     Returns:
-        The worker's result.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "backpack_tn",
-        "bench-worker",
-        "--spec",
-        spec.to_string(),
-        "--op",
-        op,
-        "--method",
-        method,
-        "--dtype",
-        dtype,
-        "--seed",
-        str(seed),
-        "--ggn-vectors",
-        str(ggn_vectors),
-    ]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    if mem_limit is not None:
-        command += ["--mem-limit", str(int(mem_limit))]
-    return run_worker(command, timeout)
-
-
-def run_worker(command: list[str], timeout: float = 600.0) -> MemoryResult:
-    """Run a memory worker in a fresh process with :data:`MALLOC_ENV`.
-
-    Args:
-        command: The worker's command line; it prints one line
-            ``BENCH-WORKER-RESULT {json}`` with a :class:`MemoryResult`
-            (see :func:`print_result`).
-        timeout: Seconds before the worker is stopped.
-
-    Returns:
         The worker's result, or why it gave none.
     """
-    env = {**os.environ, **MALLOC_ENV}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return MemoryResult("timeout", message=f"worker exceeded {timeout:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_TAG):
-            return MemoryResult(**json.loads(line[len(_RESULT_TAG) :]))
-    if proc.returncode < 0:
-        return MemoryResult(
-            "oom", message=f"worker killed by signal {-proc.returncode}"
-        )
-    tail = (proc.stderr.strip().splitlines() or [""])[-1]
-    return MemoryResult("error", message=f"worker exit {proc.returncode}: {tail}"[:200])
+    result = fork_server().run(
+        f"{__name__}:measure_job",
+        {
+            "spec": spec.to_string(),
+            "op": op,
+            "method": method,
+            "dtype": dtype,
+            "seed": seed,
+            "ggn_vectors": ggn_vectors,
+            "threads": threads,
+            "mem_limit": mem_limit,
+            "probes": host.configuration(),
+        },
+        timeout,
+    )
+    return MemoryResult(**result)
 
 
-def print_result(result: MemoryResult):
-    """Print a worker's result line for :func:`run_worker`.
-
-    Args:
-        result: The measurement.
-    """
-    print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m backpack_tn bench-worker`` (internal).
-
-    Prints one line ``BENCH-WORKER-RESULT {json}`` with a :class:`MemoryResult`.
-
-    Args:
-        argv: Command line arguments after ``bench-worker``.
+@functools.cache
+def fork_server() -> ForkServer:
+    """The fork server of the memory workers (started with their first job).
 
     Returns:
-        Exit code 0 (failures of the method are part of the result).
+        A server that imported this module under :data:`MALLOC_ENV`.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m backpack_tn bench-worker",
-        description="Measure the peak memory of one benchmark method (internal).",
-    )
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--op", required=True)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ggn-vectors", type=int, default=10)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--mem-limit", type=int)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_memory_limit(args.mem_limit)
+    return ForkServer([__name__], MALLOC_ENV)
+
+
+def measure_job(
+    spec: str,
+    op: str,
+    method: str,
+    dtype: str,
+    seed: int,
+    ggn_vectors: int,
+    threads: int | None,
+    mem_limit: int | None,
+    probes: dict[str, float | bool | None],
+) -> dict:
+    """Body of a memory worker, run in a fresh child of the fork server.
+
+    Args:
+        spec: Layer configuration as a string.
+        op: Op name.
+        method: Method name.
+        dtype: Name of the floating point type.
+        seed: Random seed of the operands.
+        ggn_vectors: ``V`` for ``ggn_diag``.
+        threads: ``torch.set_num_threads``; ``None``: torch's default.
+        mem_limit: ``RLIMIT_DATA`` in bytes, or ``None``.
+        probes: The benchmark process's host-probe configuration.
+
+    Returns:
+        :func:`dataclasses.asdict` of the :class:`MemoryResult`.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    host.configure(**probes)
+    set_memory_limit(mem_limit)
     result = measure_here(
-        parse_layer_spec(args.spec),
-        args.op,
-        args.method,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        seed=args.seed,
-        ggn_vectors=args.ggn_vectors,
+        parse_layer_spec(spec),
+        op,
+        method,
+        dtype=getattr(torch, dtype),
+        seed=seed,
+        ggn_vectors=ggn_vectors,
     )
-    print_result(result)
-    return 0
+    return asdict(result)

@@ -5,23 +5,22 @@ random weights, draws a synthetic batch, runs each extension's backward pass wit
 stock BackPACK and with backpack_tn (after a warm-up pass; the fastest of
 ``--repeats`` passes counts), checks that the results agree, and prints time and
 peak memory of both. On CPU the peak memory of each extension and library comes
-from a fresh process (``python -m backpack_tn run-worker``, internal) with the
-benchmark's memory-worker settings: one warm-up pass, then the growth of the
-resident set during one more pass. Measured in the running process, the peak
-depended on the extensions run before (All-CNN-C's one-pass BatchGrad +
-DiagGGNExact + KFAC: 192-339 MiB). On CUDA it is the allocator's peak in the
-running process.
+from a fresh process (a child of the memory workers' fork server, see
+:mod:`backpack_tn.benchmark.fork_server`) with the benchmark's memory-worker
+settings: one warm-up pass, then the growth of the resident set during one more
+pass. Measured in the running process, the peak depended on the extensions run
+before (All-CNN-C's one-pass BatchGrad + DiagGGNExact + KFAC: 192-339 MiB). On CUDA
+it is the allocator's peak in the running process.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,8 +34,7 @@ from backpack_tn.benchmark.memory import (
     can_measure_cpu,
     cpu_extra_peak,
     cuda_extra_peak,
-    print_result,
-    run_worker,
+    fork_server,
 )
 from backpack_tn.benchmark.models import NETS, net_resnet18_nobn
 from backpack_tn.benchmark.timing import live_allocator, steady_allocator
@@ -214,7 +212,7 @@ def peak_in_fresh_process(
     dtype: str = "float32",
     seed: int = 0,
 ) -> float:
-    """Peak memory of one extension's pass on CPU, in a fresh ``run-worker``.
+    """Peak memory of one extension's pass on CPU, in a fresh worker process.
 
     Args:
         model_name: One of :data:`MODELS`.
@@ -227,66 +225,60 @@ def peak_in_fresh_process(
     Returns:
         MiB, or ``nan`` where the worker gave no measurement.
     """
-    result = run_worker(
-        [
-            sys.executable,
-            "-m",
-            "backpack_tn",
-            "run-worker",
-            f"--model={model_name}",
-            f"--batch-size={batch_size}",
-            f"--extension={extension}",
-            f"--library={library}",
-            f"--dtype={dtype}",
-            f"--seed={seed}",
-        ]
+    result = fork_server().run(
+        f"{__name__}:measure_job",
+        {
+            "model_name": model_name,
+            "batch_size": batch_size,
+            "extension": extension,
+            "library": library,
+            "dtype": dtype,
+            "seed": seed,
+        },
+        timeout=600.0,
     )
-    return result.peak / 2**20 if result.status == "ok" else float("nan")
+    return result["peak"] / 2**20 if result["status"] == "ok" else float("nan")
 
 
-def worker_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m backpack_tn run-worker`` (internal).
+def measure_job(
+    model_name: str,
+    batch_size: int,
+    extension: str,
+    library: str,
+    dtype: str,
+    seed: int,
+) -> dict:
+    """Body of a main-job memory worker, run in a fresh child of the fork server.
 
     Builds the main job's network, runs one warm-up pass of one extension and
-    prints the peak memory of one more pass as a ``MemoryResult`` line
-    (``memory.print_result``; ``cold_peak``: the warm-up pass's).
+    measures the peak memory of one more pass (``cold_peak``: the warm-up pass's).
 
     Args:
-        argv: Command line arguments after ``run-worker``.
+        model_name: One of :data:`MODELS`.
+        batch_size: Batch size.
+        extension: Key of :data:`EXTENSIONS`.
+        library: One of :data:`LIBRARIES`.
+        dtype: ``'float32'`` or ``'float64'``.
+        seed: Seed for weights, data and MC samples.
 
     Returns:
-        Exit code 0 (failures of the extension are part of the result).
+        :func:`dataclasses.asdict` of a ``MemoryResult`` (failures of the extension
+        are part of the result).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m backpack_tn run-worker",
-        description="Measure the peak memory of one main-job pass (internal).",
-    )
-    parser.add_argument("--model", required=True, choices=list(MODELS))
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--extension", required=True, choices=list(EXTENSIONS))
-    parser.add_argument("--library", required=True, choices=LIBRARIES)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    factory = EXTENSIONS[args.extension][LIBRARIES.index(args.library)]
+    factory = EXTENSIONS[extension][LIBRARIES.index(library)]
     if factory is None:
-        print_result(
+        return asdict(
             MemoryResult("n/a", message="stock BackPACK has no such extension")
         )
-        return 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        model, loss_fn, x, y = _setup(
-            args.model, args.batch_size, "cpu", args.dtype, args.seed
-        )
-        cold = run_extension(model, loss_fn, x, y, factory, args.seed, repeats=0)
+        model, loss_fn, x, y = _setup(model_name, batch_size, "cpu", dtype, seed)
+        cold = run_extension(model, loss_fn, x, y, factory, seed, repeats=0)
         cold.values = None
-        warm = run_extension(model, loss_fn, x, y, factory, args.seed, repeats=0)
+        warm = run_extension(model, loss_fn, x, y, factory, seed, repeats=0)
     if warm.error:
-        print_result(MemoryResult("error", message=warm.error))
-    else:
-        print_result(MemoryResult("ok", warm.peak_mib * 2**20, cold.peak_mib * 2**20))
-    return 0
+        return asdict(MemoryResult("error", message=warm.error))
+    return asdict(MemoryResult("ok", warm.peak_mib * 2**20, cold.peak_mib * 2**20))
 
 
 def max_relative_error(first: dict, second: dict) -> float:

@@ -77,6 +77,23 @@ def configure(
     _STATE["lowered"] = lowered_speedup
 
 
+def configuration() -> dict[str, float | bool | None]:
+    """The probes' setting and results so far, as :func:`configure` takes them.
+
+    Lets another process (a benchmark's memory worker) take the routes this one
+    took instead of probing again.
+
+    Returns:
+        ``{"enabled", "speedup", "lowered_speedup"}``; results not measured yet
+        are ``None``.
+    """
+    return {
+        "enabled": _STATE["enabled"],
+        "speedup": _STATE["higher_conv"],
+        "lowered_speedup": _STATE["lowered"],
+    }
+
+
 def higher_conv_speedup() -> float:
     """How many times faster the higher-order convolution ran than the kernel route.
 
