@@ -1,7 +1,7 @@
 """Peak memory of one method, measured so that methods cannot affect each other.
 
 CPU: every (layer, op, method) runs in a fresh process, forked from a fork
-server (``multiprocessing``'s ``forkserver``: a fresh interpreter that has only
+server (:mod:`backpack_tn.benchmark.fork_server`: an interpreter that has only
 imported torch and this package), in which glibc serves every block of 64 KiB or
 more by ``mmap`` and returns freed memory at once
 (``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=65536``), so the resident set
