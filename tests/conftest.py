@@ -38,10 +38,10 @@ def static_host_rules() -> Iterator[None]:
     Yields:
         Nothing; the probe's setting is restored afterwards.
     """
-    state = dict(host._STATE)
+    state = host.configuration()
     set_host_probe(False)
     yield
-    set_host_probe(state["enabled"], state["higher_conv"], state["lowered"])
+    set_host_probe(**state)
 
 
 @fixture(params=with_device_marks(LINEAR_CASES), ids=LINEAR_IDS)

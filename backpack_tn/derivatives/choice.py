@@ -90,6 +90,7 @@ from backpack_tn.derivatives.implementations import (
     lag_zeros,
     prepare,
     sample_vector_bytes,
+    unfolded_sample_bytes,
 )
 from backpack_tn.engine import lag_gram
 from backpack_tn.engine.gram import num_blocks
@@ -134,15 +135,18 @@ def set_autotune(enabled: bool):
 
 
 def set_host_probe(
-    enabled: bool, speedup: float | None = None, lowered_speedup: float | None = None
+    enabled: bool,
+    speedup: float | None = None,
+    lowered_speedup: float | None = None,
+    depthwise_lowered_speedup: float | None = None,
 ):
     """Let ``auto`` time per-sample routes once on this host, or pin the results.
 
     See :mod:`backpack_tn.derivatives.host`: the first decision between the
     convolution kernel's weight gradient and the higher-order convolution times
     both on a probe layer, and the first between the kernel route and the lowered
-    network for several vectors times those two (default: on, unless
-    ``BACKPACK_TN_HOST_PROBE=0``).
+    network for several vectors times those two, on a dense and on a depthwise
+    probe layer (default: on, unless ``BACKPACK_TN_HOST_PROBE=0``).
 
     Args:
         enabled: Whether the probes may run. Off, ``auto`` keeps the kernel route.
@@ -150,8 +154,10 @@ def set_host_probe(
             convolution's, used instead of measuring (``None``: measure).
         lowered_speedup: The kernel route's time divided by the lowered
             network's for several vectors of one sample (``None``: measure).
+        depthwise_lowered_speedup: The same ratio on a depthwise layer
+            (``None``: measure).
     """
-    host.configure(enabled, speedup, lowered_speedup)
+    host.configure(enabled, speedup, lowered_speedup, depthwise_lowered_speedup)
     _CHOSEN.clear()
     plans.clear_plans()
 
@@ -346,6 +352,18 @@ STRIDED_DEPTHWISE_MAP = 512
 #: 1.0-2.6x, im2col on the 96x112x112 stride-2 layer 1.5-3.0x); on 7x7 maps all
 #: were within 0.8-1.1x of each other.
 DEPTHWISE_LOWERED_POSITIONS = (64, 1024)
+#: Depthwise layers with small kernels take the lowered network for several vectors
+#: on every map where the depthwise host probe (``host.depthwise_lowered_speedup``)
+#: ran it more than this many times as fast as the kernel route. On an Intel Xeon
+#: with AVX-512 (2 cores, MKL, 290 GFLOP/s float32 GEMMs), GGN diagonals (V = 10) of
+#: MobileNetV2's depthwise 3x3 layers outside ``DEPTHWISE_LOWERED_POSITIONS`` took
+#: 0.38-0.86x of the kernel route's time at N = 1 and 4 (96x112x112 stride 2: 0.39x,
+#: 32x112x112 0.41-0.46x, 960x7x7 0.61-0.72x), 0.96-1.10x inside that range; on the
+#: AMD hosts the kernel route won from 3136 positions on. Only where one sample's
+#: unfolded input fits ``UNFOLDED_BLOCK_BYTES``: the lowered network blocks samples,
+#: not groups, and held 1.1-1.5x the leanest reference's peak on the 112x112 and
+#: 56x56 maps (96x112x112 stride 2: 14.9 against 10.2 MiB; the kernel route 5.6).
+DEPTHWISE_LOWERED_MARGIN = 1.15
 #: Non-overlapping layers with at most this many weight entries per output channel
 #: (``C_in / G * prod(K)``) take the kernel route for several vectors of several
 #: samples on large maps: the GEMM view first copies all vectors sample-major, and
@@ -593,6 +611,16 @@ def _depthwise_rule(
     """
     size = prod(spec.kernel_size)
     if vectors > 1 and spec.groups > 1 and len(spec.patterns) == 2:
+        unfolded = unfolded_sample_bytes(spec, tensors["mat"].element_size())
+        if size <= SMALL_KERNEL and unfolded <= UNFOLDED_BLOCK_BYTES:
+            speedup = host.depthwise_lowered_speedup()
+            if speedup > DEPTHWISE_LOWERED_MARGIN:
+                return "tn_lowered", (
+                    f"depthwise with a {'x'.join(map(str, spec.kernel_size))} kernel,"
+                    f" {vectors} vectors, {unfolded / 2**20:.1f} MiB of unfolded input"
+                    f" per sample: on this host {_LOWERED_GEMM} ran {speedup:.2f}x as"
+                    " fast as the convolution kernel's weight gradient (host probe)"
+                )
         low, high = DEPTHWISE_LOWERED_POSITIONS
         if size <= SMALL_KERNEL and low < spec.num_positions < high:
             return "tn_lowered", (

@@ -20,6 +20,13 @@ an AVX2-only EPYC (family 25 model 1, MKL's GEMM) the lowered network took
 0.60-0.83x of the kernel route's time on every ungrouped many-channel 3x3 layer of
 the benchmark networks from 512 output positions on, at N = 1-8 (about 60 ms, once).
 
+A third probe times the same two routes on a depthwise layer (64x56x56, 3x3,
+one sample, 10 vectors), whose order flips between hosts independently of the
+second probe: on AMD EPYC hosts the kernel route was the faster from 3136 output
+positions on (the lowered network 1.0-2.6x its time), while on an Intel Xeon with
+AVX-512, where the second probe measured 1.05-1.3, the lowered network took
+0.38-0.86x of the kernel route's time on those maps (about 40 ms, once).
+
 :func:`backpack_tn.set_host_probe`, or the environment variable
 ``BACKPACK_TN_HOST_PROBE=0``, turns the probes off (``auto`` then keeps the
 ``kernel`` route); :func:`backpack_tn.set_host_probe` can also pin their results.
@@ -46,14 +53,20 @@ PROBE_ROUNDS = 5
 #: The second probe: ``Conv2d(C, C, 3, padding=1)`` on one ``[1, C, S, S]`` sample
 #: with this many vectors (1024 output positions, ``choice.MANY_POSITIONS`` on).
 LOWERED_PROBE_VECTORS = 10
+#: The third probe: the second's on a depthwise layer, ``Conv2d(C, C, 3, padding=1,
+#: groups=C)``, on maps of this size (3136 output positions, where the routes'
+#: order flipped between hosts).
+DEPTHWISE_PROBE_SIZE = 56
 
 #: Environment variable that turns the probe off when set to ``0``.
 PROBE_VARIABLE = "BACKPACK_TN_HOST_PROBE"
 
-#: probe name -> (route timed against the kernel route, samples, vectors).
-PROBES: dict[str, tuple[str, int, int]] = {
-    "higher_conv": ("higher_conv", PROBE_SAMPLES, 1),
-    "lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS),
+#: probe name -> (route timed against the kernel route, samples, vectors,
+#: depthwise).
+PROBES: dict[str, tuple[str, int, int, bool]] = {
+    "higher_conv": ("higher_conv", PROBE_SAMPLES, 1, False),
+    "lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS, False),
+    "depthwise_lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS, True),
 }
 
 _STATE: dict[str, float | bool | None] = {
@@ -63,7 +76,10 @@ _STATE: dict[str, float | bool | None] = {
 
 
 def configure(
-    enabled: bool, speedup: float | None = None, lowered_speedup: float | None = None
+    enabled: bool,
+    speedup: float | None = None,
+    lowered_speedup: float | None = None,
+    depthwise_lowered_speedup: float | None = None,
 ):
     """Turn the probes on or off, or pin their results (``choice.set_host_probe``).
 
@@ -71,10 +87,13 @@ def configure(
         enabled: Whether the probes may run.
         speedup: A result of the higher-order probe to use instead of measuring.
         lowered_speedup: A result of the lowered-network probe, likewise.
+        depthwise_lowered_speedup: A result of the depthwise lowered-network
+            probe, likewise.
     """
     _STATE["enabled"] = bool(enabled)
     _STATE["higher_conv"] = speedup
     _STATE["lowered"] = lowered_speedup
+    _STATE["depthwise_lowered"] = depthwise_lowered_speedup
 
 
 def configuration() -> dict[str, float | bool | None]:
@@ -84,13 +103,14 @@ def configuration() -> dict[str, float | bool | None]:
     took instead of probing again.
 
     Returns:
-        ``{"enabled", "speedup", "lowered_speedup"}``; results not measured yet
-        are ``None``.
+        ``{"enabled", "speedup", "lowered_speedup", "depthwise_lowered_speedup"}``;
+        results not measured yet are ``None``.
     """
     return {
         "enabled": _STATE["enabled"],
         "speedup": _STATE["higher_conv"],
         "lowered_speedup": _STATE["lowered"],
+        "depthwise_lowered_speedup": _STATE["depthwise_lowered"],
     }
 
 
@@ -119,6 +139,19 @@ def lowered_speedup() -> float:
     return _speedup("lowered")
 
 
+def depthwise_lowered_speedup() -> float:
+    """How many times faster the lowered network ran than the kernel route, depthwise.
+
+    Measured once per process on the depthwise probe layer
+    (``DEPTHWISE_PROBE_SIZE``) with ``LOWERED_PROBE_VECTORS`` vectors of one
+    sample, unless the probe is off or pinned.
+
+    Returns:
+        The kernel route's time divided by the lowered network's.
+    """
+    return _speedup("depthwise_lowered")
+
+
 def _speedup(name: str) -> float:
     """The result of probe ``name`` (see ``PROBES``), measured on first use.
 
@@ -133,7 +166,7 @@ def _speedup(name: str) -> float:
     return float(_STATE[name])
 
 
-def _measure(route: str, samples: int, vectors: int) -> float:
+def _measure(route: str, samples: int, vectors: int, depthwise: bool) -> float:
     """Time a route and the kernel route on the probe layer, interleaved.
 
     The global random state is left as it was (the probe runs inside the user's
@@ -143,14 +176,19 @@ def _measure(route: str, samples: int, vectors: int) -> float:
         route: The weight-VJP evaluation timed against ``'kernel'``.
         samples: Samples of the probe input.
         vectors: Vectors per sample.
+        depthwise: Probe the depthwise layer (one input channel per group, maps
+            of ``DEPTHWISE_PROBE_SIZE``).
 
     Returns:
         The ratio of the fastest kernel-route time to the route's fastest.
     """
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        layer = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1)
-        shape = (samples, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE)
+        groups, size = (
+            (PROBE_CHANNELS, DEPTHWISE_PROBE_SIZE) if depthwise else (1, PROBE_SIZE)
+        )
+        layer = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1, groups=groups)
+        shape = (samples, PROBE_CHANNELS, size, size)
         x, mat = torch.randn(shape), torch.randn((vectors, *shape))
         layer.input0, layer.output = x, layer(x)
         return _fastest_ratio(layer, spec_of(layer), route, x, mat)

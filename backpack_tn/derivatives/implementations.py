@@ -217,7 +217,7 @@ def _tn_squared(
     if mat.is_cuda:
         bound = VJP_BLOCK_BYTES_GPU
     else:
-        unfolded = samples * _unfolded_sample_bytes(spec, size)
+        unfolded = samples * unfolded_sample_bytes(spec, size)
         bound = min(SQUARED_NETWORK_BLOCK_BYTES, unfolded // 2)
     if samples == 1 or largest <= max(bound, math.prod(shape) * size):
         return prepared.contract().reshape(shape)
@@ -235,7 +235,7 @@ def _tn_squared(
     return result
 
 
-def _unfolded_sample_bytes(spec: LayerSpec, size: int) -> int:
+def unfolded_sample_bytes(spec: LayerSpec, size: int) -> int:
     """Bytes of one sample's unfolded input ``[C_in, *K, *O]`` (Linear: its input).
 
     Returns:
@@ -833,7 +833,7 @@ def _vjp_blocks(
     one = math.prod(spec.weight_shape) * size
     unfolded = 0
     if strategy in UNFOLDING_VJPS and spec.kind != "linear" and not mat.is_cuda:
-        unfolded = _unfolded_sample_bytes(spec, size)
+        unfolded = unfolded_sample_bytes(spec, size)
     limit = VJP_BLOCK_BYTES_GPU if mat.is_cuda else VJP_BLOCK_BYTES
     if vectors * one <= limit:
         step_v, step_n = vectors, max(1, limit // (vectors * one))

@@ -471,6 +471,80 @@ def test_auto_follows_lowered_probe(module_fn, shape, speedup, expected):
         assert f"ran {speedup:.2f}x as fast" in reason
 
 
+#: (module, input shape, vectors, depthwise probe result, expected evaluation)
+DEPTHWISE_PROBE_CASES = [
+    # 7x7 and 112x112 maps, outside the depthwise lowered range
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        (1, 64, 7, 7),
+        10,
+        2.2,
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        (1, 64, 7, 7),
+        10,
+        1.0,
+        "same_conv",
+    ),
+    (
+        lambda: nn.Conv2d(8, 8, 3, 2, padding=1, groups=8),
+        (1, 8, 112, 112),
+        10,
+        2.2,
+        "tn_lowered",
+    ),
+    (
+        lambda: nn.Conv2d(8, 8, 3, 2, padding=1, groups=8),
+        (1, 8, 112, 112),
+        10,
+        1.0,
+        "kernel",
+    ),
+    # one sample's unfolded input past UNFOLDED_BLOCK_BYTES (96 * 9 * 56 * 56 * 4)
+    (
+        lambda: nn.Conv2d(96, 96, 3, 2, padding=1, groups=96),
+        (1, 96, 112, 112),
+        2,
+        2.2,
+        "kernel",
+    ),
+    # kernels larger than 3x3, and one vector, do not follow the probe
+    (
+        lambda: nn.Conv2d(32, 32, 7, padding=3, groups=32),
+        (1, 32, 14, 14),
+        10,
+        2.2,
+        "same_conv",
+    ),
+    (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        (4, 64, 7, 7),
+        1,
+        2.2,
+        "same_conv",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "module_fn, shape, vectors, speedup, expected", DEPTHWISE_PROBE_CASES
+)
+def test_auto_follows_depthwise_probe(module_fn, shape, vectors, speedup, expected):
+    """The depthwise probe moves several vectors of depthwise 3x3 layers to the network."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    set_host_probe(False, 1.0, 1.0, speedup)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(vectors, *module.output.shape)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **tensors
+    )
+    assert key == expected, reason
+    assert ("host probe" in reason) == (key == "tn_lowered"), reason
+
+
 @pytest.mark.parametrize("speedup", [0.9, 1.4])
 def test_single_channel_lowers_one_sample_on_any_probe(speedup: float):
     """One sample of a single input channel is lowered whatever the probe says."""
@@ -503,7 +577,7 @@ def test_lowered_probe_rule_bounds_the_unfolded_input(monkeypatch):
 
 @pytest.mark.parametrize(
     "speedup",
-    [host.higher_conv_speedup, host.lowered_speedup],
+    [host.higher_conv_speedup, host.lowered_speedup, host.depthwise_lowered_speedup],
     ids=lambda f: f.__name__,
 )
 def test_host_probe_measures_once_and_can_be_turned_off(speedup):

@@ -464,7 +464,7 @@ def test_unfolding_vjp_blocks_bound_copied_vectors(
     monkeypatch.setattr(
         implementations, "UNFOLDED_BLOCK_BYTES", max(1, budget * one_sample)
     )
-    monkeypatch.setattr(implementations, "_unfolded_sample_bytes", lambda *_: 1)
+    monkeypatch.setattr(implementations, "unfolded_sample_bytes", lambda *_: 1)
     spec = spec_of(module, x.shape, out_shape)
     blocks = list(implementations._vjp_blocks(spec, mat, "tn_lowered+square"))
     sizes = {(v.stop - v.start, n.stop - n.start) for v, n in blocks}
