@@ -532,7 +532,7 @@ DEPTHWISE_PROBE_CASES = [
     "module_fn, shape, vectors, speedup, expected", DEPTHWISE_PROBE_CASES
 )
 def test_auto_follows_depthwise_probe(module_fn, shape, vectors, speedup, expected):
-    """The depthwise probe moves several vectors of depthwise 3x3 layers to the network."""
+    """The depthwise probe moves several vectors of depthwise 3x3 layers to the TN."""
     torch.manual_seed(0)
     module, x = module_fn(), torch.randn(shape)
     set_host_probe(False, 1.0, 1.0, speedup)
