@@ -139,6 +139,7 @@ def set_host_probe(
     speedup: float | None = None,
     lowered_speedup: float | None = None,
     depthwise_lowered_speedup: float | None = None,
+    narrow_speedup: float | None = None,
 ):
     """Let ``auto`` time per-sample routes once on this host, or pin the results.
 
@@ -146,7 +147,9 @@ def set_host_probe(
     convolution kernel's weight gradient and the higher-order convolution times
     both on a probe layer, and the first between the kernel route and the lowered
     network for several vectors times those two, on a dense and on a depthwise
-    probe layer (default: on, unless ``BACKPACK_TN_HOST_PROBE=0``).
+    probe layer, and the first between the kernel route and the network's GEMM
+    view of a narrow 1x1 layer times those (default: on, unless
+    ``BACKPACK_TN_HOST_PROBE=0``).
 
     Args:
         enabled: Whether the probes may run. Off, ``auto`` keeps the kernel route.
@@ -156,8 +159,13 @@ def set_host_probe(
             network's for several vectors of one sample (``None``: measure).
         depthwise_lowered_speedup: The same ratio on a depthwise layer
             (``None``: measure).
+        narrow_speedup: The kernel route's time divided by the network's view
+            and GEMM on a narrow 1x1 layer, for several vectors of several
+            samples (``None``: measure).
     """
-    host.configure(enabled, speedup, lowered_speedup, depthwise_lowered_speedup)
+    host.configure(
+        enabled, speedup, lowered_speedup, depthwise_lowered_speedup, narrow_speedup
+    )
     _CHOSEN.clear()
     plans.clear_plans()
 
@@ -373,6 +381,15 @@ DEPTHWISE_LOWERED_MARGIN = 1.15
 #: against 6.9 ms). The engine avoids that copy by slicing only for GEMMs of at
 #: least ``contract.MIN_SLICE_ROWS`` rows (output channels), which these layers lack.
 NARROW_GEMM = 48
+#: 1x1 layers among those keep the network's view and GEMM where the narrow host
+#: probe (``host.narrow_speedup``) ran it more than this many times as fast as the
+#: kernel route. On an Intel Xeon with AVX-512 (2 cores, MKL) the probe measured
+#: 2.0-2.2, and GGN diagonals (V = 10) took 0.49x of the kernel route's time on the
+#: 24x56x56 1x1 layer at N = 8 (17.8 against 36.7 ms), 0.40-0.53x at N = 2-4, and
+#: 0.27-0.88x on MobileNetV2's 32x112x112, 16x112x112 and 32x28x28 1x1 layers at
+#: N = 4 and 8; ConvNeXt's 4x4 patchify stem kept the kernel route's lead there
+#: (34.7 against 62.0 ms), so larger kernels do not follow the probe.
+NARROW_MARGIN = 1.15
 #: Strided layers with at most ``FEW_CHANNELS`` input channels and several vectors
 #: lower their patterns from this many unfolded entries per output position
 #: (``C_in * prod(K)``) on. GGN diagonals (V = 10, 2 cores, AVX2) with the lowered
@@ -476,6 +493,14 @@ def _weight_vjp_rule(spec: LayerSpec, tensors: dict) -> tuple[str, str]:
             and summed <= NARROW_GEMM
             and not _on_gpu(tensors)
         ):
+            speedup = host.narrow_speedup() if prod(spec.kernel_size) == 1 else 1.0
+            if speedup > NARROW_MARGIN:
+                return "tn", (
+                    f"non-overlapping 1x1 patterns, {vectors} vectors of {samples}"
+                    f" samples and {summed} weight entries per output channel: on"
+                    f" this host a view and one GEMM ran {speedup:.2f}x as fast as"
+                    " the convolution kernel's weight gradient (host probe)"
+                )
             return "kernel", (
                 f"non-overlapping patterns, {vectors} vectors of {samples} samples"
                 f" on {spec.num_positions} output positions and {summed} weight"

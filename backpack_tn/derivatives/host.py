@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -58,16 +59,52 @@ LOWERED_PROBE_VECTORS = 10
 #: order flipped between hosts).
 DEPTHWISE_PROBE_SIZE = 56
 
+
+class Probe(NamedTuple):
+    """A route timed against the kernel route on one probe layer.
+
+    Attributes:
+        route: The weight-VJP evaluation timed against ``'kernel'``.
+        samples: Samples of the probe input.
+        vectors: Vectors per sample.
+        in_channels: Input channels of the probe layer.
+        out_channels: Its output channels.
+        kernel: Its square kernel's size (padding ``kernel // 2``).
+        groups: Its groups.
+        size: Its square input maps' size.
+    """
+
+    route: str
+    samples: int
+    vectors: int
+    in_channels: int = PROBE_CHANNELS
+    out_channels: int = PROBE_CHANNELS
+    kernel: int = 3
+    groups: int = 1
+    size: int = PROBE_SIZE
+
+
+#: probe name -> probe. The fourth probe times the network's GEMM view against the
+#: kernel route on a narrow 1x1 layer (24 -> 144 channels on 56x56 maps, two
+#: samples, ten vectors), whose order also flips between hosts.
+PROBES: dict[str, Probe] = {
+    "higher_conv": Probe("higher_conv", PROBE_SAMPLES, 1),
+    "lowered": Probe("tn_lowered", 1, LOWERED_PROBE_VECTORS),
+    "depthwise_lowered": Probe(
+        "tn_lowered",
+        1,
+        LOWERED_PROBE_VECTORS,
+        groups=PROBE_CHANNELS,
+        size=DEPTHWISE_PROBE_SIZE,
+    ),
+    "narrow": Probe(
+        "tn", 2, LOWERED_PROBE_VECTORS, 24, 144, 1, size=DEPTHWISE_PROBE_SIZE
+    ),
+}
+
 #: Environment variable that turns the probe off when set to ``0``.
 PROBE_VARIABLE = "BACKPACK_TN_HOST_PROBE"
 
-#: probe name -> (route timed against the kernel route, samples, vectors,
-#: depthwise).
-PROBES: dict[str, tuple[str, int, int, bool]] = {
-    "higher_conv": ("higher_conv", PROBE_SAMPLES, 1, False),
-    "lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS, False),
-    "depthwise_lowered": ("tn_lowered", 1, LOWERED_PROBE_VECTORS, True),
-}
 
 _STATE: dict[str, float | bool | None] = {
     "enabled": os.environ.get(PROBE_VARIABLE, "1") != "0",
@@ -80,6 +117,7 @@ def configure(
     speedup: float | None = None,
     lowered_speedup: float | None = None,
     depthwise_lowered_speedup: float | None = None,
+    narrow_speedup: float | None = None,
 ):
     """Turn the probes on or off, or pin their results (``choice.set_host_probe``).
 
@@ -89,11 +127,13 @@ def configure(
         lowered_speedup: A result of the lowered-network probe, likewise.
         depthwise_lowered_speedup: A result of the depthwise lowered-network
             probe, likewise.
+        narrow_speedup: A result of the narrow 1x1 probe, likewise.
     """
     _STATE["enabled"] = bool(enabled)
     _STATE["higher_conv"] = speedup
     _STATE["lowered"] = lowered_speedup
     _STATE["depthwise_lowered"] = depthwise_lowered_speedup
+    _STATE["narrow"] = narrow_speedup
 
 
 def configuration() -> dict[str, float | bool | None]:
@@ -103,14 +143,15 @@ def configuration() -> dict[str, float | bool | None]:
     took instead of probing again.
 
     Returns:
-        ``{"enabled", "speedup", "lowered_speedup", "depthwise_lowered_speedup"}``;
-        results not measured yet are ``None``.
+        ``{"enabled", "speedup", "lowered_speedup", "depthwise_lowered_speedup",
+        "narrow_speedup"}``; results not measured yet are ``None``.
     """
     return {
         "enabled": _STATE["enabled"],
         "speedup": _STATE["higher_conv"],
         "lowered_speedup": _STATE["lowered"],
         "depthwise_lowered_speedup": _STATE["depthwise_lowered"],
+        "narrow_speedup": _STATE["narrow"],
     }
 
 
@@ -152,6 +193,18 @@ def depthwise_lowered_speedup() -> float:
     return _speedup("depthwise_lowered")
 
 
+def narrow_speedup() -> float:
+    """How many times faster the network's GEMM view ran than the kernel route.
+
+    Measured once per process on the narrow 1x1 probe layer (``PROBES["narrow"]``)
+    with several vectors of two samples, unless the probe is off or pinned.
+
+    Returns:
+        The kernel route's time divided by the network's.
+    """
+    return _speedup("narrow")
+
+
 def _speedup(name: str) -> float:
     """The result of probe ``name`` (see ``PROBES``), measured on first use.
 
@@ -162,36 +215,35 @@ def _speedup(name: str) -> float:
         The kernel route's time divided by the probed route's (1.0 when off).
     """
     if _STATE[name] is None:
-        _STATE[name] = _measure(*PROBES[name]) if _STATE["enabled"] else 1.0
+        _STATE[name] = _measure(PROBES[name]) if _STATE["enabled"] else 1.0
     return float(_STATE[name])
 
 
-def _measure(route: str, samples: int, vectors: int, depthwise: bool) -> float:
-    """Time a route and the kernel route on the probe layer, interleaved.
+def _measure(probe: Probe) -> float:
+    """Time a route and the kernel route on a probe layer, interleaved.
 
     The global random state is left as it was (the probe runs inside the user's
     backward pass, and the layer's initialisation would draw from it).
 
     Args:
-        route: The weight-VJP evaluation timed against ``'kernel'``.
-        samples: Samples of the probe input.
-        vectors: Vectors per sample.
-        depthwise: Probe the depthwise layer (one input channel per group, maps
-            of ``DEPTHWISE_PROBE_SIZE``).
+        probe: The route and the probe layer.
 
     Returns:
         The ratio of the fastest kernel-route time to the route's fastest.
     """
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        groups, size = (
-            (PROBE_CHANNELS, DEPTHWISE_PROBE_SIZE) if depthwise else (1, PROBE_SIZE)
+        layer = nn.Conv2d(
+            probe.in_channels,
+            probe.out_channels,
+            probe.kernel,
+            padding=probe.kernel // 2,
+            groups=probe.groups,
         )
-        layer = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1, groups=groups)
-        shape = (samples, PROBE_CHANNELS, size, size)
-        x, mat = torch.randn(shape), torch.randn((vectors, *shape))
+        x = torch.randn(probe.samples, probe.in_channels, probe.size, probe.size)
         layer.input0, layer.output = x, layer(x)
-        return _fastest_ratio(layer, spec_of(layer), route, x, mat)
+        mat = torch.randn((probe.vectors, *layer.output.shape))
+        return _fastest_ratio(layer, spec_of(layer), probe.route, x, mat)
 
 
 def _fastest_ratio(

@@ -545,6 +545,31 @@ def test_auto_follows_depthwise_probe(module_fn, shape, vectors, speedup, expect
     assert ("host probe" in reason) == (key == "tn_lowered"), reason
 
 
+#: (module, input shape, narrow probe result, expected evaluation); 10 vectors
+NARROW_PROBE_CASES = [
+    (lambda: nn.Conv2d(24, 144, 1, bias=False), (2, 24, 32, 32), 2.0, "tn"),
+    (lambda: nn.Conv2d(24, 144, 1, bias=False), (2, 24, 32, 32), 1.0, "kernel"),
+    # larger non-overlapping kernels and single samples do not follow the probe
+    (lambda: nn.Conv2d(3, 32, 4, 4), (2, 3, 128, 128), 2.0, "kernel"),
+    (lambda: nn.Conv2d(24, 144, 1, bias=False), (1, 24, 32, 32), 0.5, "tn"),
+]
+
+
+@pytest.mark.parametrize("module_fn, shape, speedup, expected", NARROW_PROBE_CASES)
+def test_auto_follows_narrow_probe(module_fn, shape, speedup, expected):
+    """The narrow probe keeps several vectors of narrow 1x1 layers on the GEMM view."""
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    set_host_probe(False, 1.0, 1.0, 1.0, speedup)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(10, *module.output.shape)
+    key, reason = Conv2DDerivativesTN().explain(
+        "weight_jac_t_mat_prod", module, **tensors
+    )
+    assert key == expected, reason
+    assert ("host probe" in reason) == (key == "tn" and shape[0] > 1), reason
+
+
 @pytest.mark.parametrize("speedup", [0.9, 1.4])
 def test_single_channel_lowers_one_sample_on_any_probe(speedup: float):
     """One sample of a single input channel is lowered whatever the probe says."""
@@ -577,7 +602,12 @@ def test_lowered_probe_rule_bounds_the_unfolded_input(monkeypatch):
 
 @pytest.mark.parametrize(
     "speedup",
-    [host.higher_conv_speedup, host.lowered_speedup, host.depthwise_lowered_speedup],
+    [
+        host.higher_conv_speedup,
+        host.lowered_speedup,
+        host.depthwise_lowered_speedup,
+        host.narrow_speedup,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_host_probe_measures_once_and_can_be_turned_off(speedup):
