@@ -433,7 +433,8 @@ def test_auto_follows_host_probe(module_fn, shape, vectors, speedup, expected):
 #: (grouped layers: one sample only); few channels and small maps keep their rules.
 LOWERED_PROBE_CASES = [
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 1.4, "tn_lowered"),
-    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 1.1, "kernel"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 1.1, "tn_lowered"),
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (1, 64, 24, 24), 0.95, "kernel"),
     (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 24, 24), 1.4, "tn_lowered"),
     (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (2, 64, 48, 48), 1.4, "tn_lowered"),
     (lambda: nn.Conv2d(64, 64, 3, 2, padding=1), (2, 64, 48, 48), 0.6, "kernel"),
