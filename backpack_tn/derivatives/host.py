@@ -25,7 +25,10 @@ one sample, 10 vectors), whose order flips between hosts independently of the
 second probe: on AMD EPYC hosts the kernel route was the faster from 3136 output
 positions on (the lowered network 1.0-2.6x its time), while on an Intel Xeon with
 AVX-512, where the second probe measured 1.05-1.3, the lowered network took
-0.38-0.86x of the kernel route's time on those maps (about 40 ms, once).
+0.38-0.86x of the kernel route's time on those maps (about 40 ms, once). A fourth
+times the network's view and one GEMM against the kernel route on a narrow 1x1 layer
+(24 -> 144 channels, 56x56 maps, two samples, 10 vectors): the kernel route won by
+2.8x on an AMD EPYC host and lost by 2x on that Xeon (about 0.15 s, once).
 
 :func:`backpack_tn.set_host_probe`, or the environment variable
 ``BACKPACK_TN_HOST_PROBE=0``, turns the probes off (``auto`` then keeps the
@@ -58,6 +61,8 @@ LOWERED_PROBE_VECTORS = 10
 #: groups=C)``, on maps of this size (3136 output positions, where the routes'
 #: order flipped between hosts).
 DEPTHWISE_PROBE_SIZE = 56
+#: The fourth probe's maps: ``Conv2d(24, 144, 1)`` on two ``[24, S, S]`` samples.
+NARROW_PROBE_SIZE = 56
 
 
 class Probe(NamedTuple):
@@ -97,9 +102,7 @@ PROBES: dict[str, Probe] = {
         groups=PROBE_CHANNELS,
         size=DEPTHWISE_PROBE_SIZE,
     ),
-    "narrow": Probe(
-        "tn", 2, LOWERED_PROBE_VECTORS, 24, 144, 1, size=DEPTHWISE_PROBE_SIZE
-    ),
+    "narrow": Probe("tn", 2, LOWERED_PROBE_VECTORS, 24, 144, 1, size=NARROW_PROBE_SIZE),
 }
 
 #: Environment variable that turns the probe off when set to ``0``.
