@@ -19,6 +19,7 @@ of time, was killed, or raised.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -84,10 +85,8 @@ class ForkServer:
         process, self._process = self._process, None
         if process is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # the server's end is already gone
             process.stdin.close()
-        except OSError:
-            pass
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:

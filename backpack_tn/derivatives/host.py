@@ -109,6 +109,14 @@ PROBES: dict[str, Probe] = {
 PROBE_VARIABLE = "BACKPACK_TN_HOST_PROBE"
 
 
+#: probe name -> the argument of :func:`configure` that pins its result, in order.
+_ARGUMENTS = {
+    "higher_conv": "speedup",
+    "lowered": "lowered_speedup",
+    "depthwise_lowered": "depthwise_lowered_speedup",
+    "narrow": "narrow_speedup",
+}
+
 _STATE: dict[str, float | bool | None] = {
     "enabled": os.environ.get(PROBE_VARIABLE, "1") != "0",
     **dict.fromkeys(PROBES),
@@ -133,10 +141,8 @@ def configure(
         narrow_speedup: A result of the narrow 1x1 probe, likewise.
     """
     _STATE["enabled"] = bool(enabled)
-    _STATE["higher_conv"] = speedup
-    _STATE["lowered"] = lowered_speedup
-    _STATE["depthwise_lowered"] = depthwise_lowered_speedup
-    _STATE["narrow"] = narrow_speedup
+    results = (speedup, lowered_speedup, depthwise_lowered_speedup, narrow_speedup)
+    _STATE.update(zip(_ARGUMENTS, results, strict=True))
 
 
 def configuration() -> dict[str, float | bool | None]:
@@ -149,13 +155,8 @@ def configuration() -> dict[str, float | bool | None]:
         ``{"enabled", "speedup", "lowered_speedup", "depthwise_lowered_speedup",
         "narrow_speedup"}``; results not measured yet are ``None``.
     """
-    return {
-        "enabled": _STATE["enabled"],
-        "speedup": _STATE["higher_conv"],
-        "lowered_speedup": _STATE["lowered"],
-        "depthwise_lowered_speedup": _STATE["depthwise_lowered"],
-        "narrow_speedup": _STATE["narrow"],
-    }
+    results = {argument: _STATE[name] for name, argument in _ARGUMENTS.items()}
+    return {"enabled": _STATE["enabled"], **results}
 
 
 def higher_conv_speedup() -> float:

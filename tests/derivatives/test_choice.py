@@ -1,5 +1,7 @@
 """Tests of ``backpack_tn.derivatives.choice``: what ``auto`` picks, and autotuning."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -427,6 +429,26 @@ def test_auto_follows_host_probe(module_fn, shape, vectors, speedup, expected):
         assert f"ran {speedup:.2f}x as fast" in reason
 
 
+def _explain_vectors(module_fn, shape, vectors: int, *probes: float) -> tuple[str, str]:
+    """``auto``'s weight-VJP choice for several vectors, with pinned probe results.
+
+    Args:
+        module_fn: Builds the layer.
+        shape: Its input's shape.
+        vectors: Number of vectors.
+        *probes: Results pinned by ``set_host_probe(False, *probes)``.
+
+    Returns:
+        The evaluation's name and the reason.
+    """
+    torch.manual_seed(0)
+    module, x = module_fn(), torch.randn(shape)
+    set_host_probe(False, *probes)
+    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
+    tensors["mat"] = torch.randn(vectors, *module.output.shape)
+    return Conv2DDerivativesTN().explain("weight_jac_t_mat_prod", module, **tensors)
+
+
 #: (layer, input shape, lowered-probe result, expected weight-VJP evaluation of
 #: V = 10 vectors): the lowered network where the second host probe ran it faster
 #: than the kernel route, on many-channel 2d maps from ``MANY_POSITIONS`` on
@@ -459,14 +481,7 @@ LOWERED_PROBE_CASES = [
 @pytest.mark.parametrize("module_fn, shape, speedup, expected", LOWERED_PROBE_CASES)
 def test_auto_follows_lowered_probe(module_fn, shape, speedup, expected):
     """The second probe moves several vectors from the kernel route to the network."""
-    torch.manual_seed(0)
-    module, x = module_fn(), torch.randn(shape)
-    set_host_probe(False, 1.0, speedup)
-    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
-    tensors["mat"] = torch.randn(10, *module.output.shape)
-    key, reason = Conv2DDerivativesTN().explain(
-        "weight_jac_t_mat_prod", module, **tensors
-    )
+    key, reason = _explain_vectors(module_fn, shape, 10, 1.0, speedup)
     assert key == expected, reason
     if key == "tn_lowered":
         assert f"ran {speedup:.2f}x as fast" in reason
@@ -534,14 +549,7 @@ DEPTHWISE_PROBE_CASES = [
 )
 def test_auto_follows_depthwise_probe(module_fn, shape, vectors, speedup, expected):
     """The depthwise probe moves several vectors of depthwise 3x3 layers to the TN."""
-    torch.manual_seed(0)
-    module, x = module_fn(), torch.randn(shape)
-    set_host_probe(False, 1.0, 1.0, speedup)
-    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
-    tensors["mat"] = torch.randn(vectors, *module.output.shape)
-    key, reason = Conv2DDerivativesTN().explain(
-        "weight_jac_t_mat_prod", module, **tensors
-    )
+    key, reason = _explain_vectors(module_fn, shape, vectors, 1.0, 1.0, speedup)
     assert key == expected, reason
     assert ("host probe" in reason) == (key == "tn_lowered"), reason
 
@@ -559,14 +567,7 @@ NARROW_PROBE_CASES = [
 @pytest.mark.parametrize("module_fn, shape, speedup, expected", NARROW_PROBE_CASES)
 def test_auto_follows_narrow_probe(module_fn, shape, speedup, expected):
     """The narrow probe keeps several vectors of narrow 1x1 layers on the GEMM view."""
-    torch.manual_seed(0)
-    module, x = module_fn(), torch.randn(shape)
-    set_host_probe(False, 1.0, 1.0, 1.0, speedup)
-    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
-    tensors["mat"] = torch.randn(10, *module.output.shape)
-    key, reason = Conv2DDerivativesTN().explain(
-        "weight_jac_t_mat_prod", module, **tensors
-    )
+    key, reason = _explain_vectors(module_fn, shape, 10, 1.0, 1.0, 1.0, speedup)
     assert key == expected, reason
     assert ("host probe" in reason) == (key == "tn" and shape[0] > 1), reason
 
@@ -574,14 +575,8 @@ def test_auto_follows_narrow_probe(module_fn, shape, speedup, expected):
 @pytest.mark.parametrize("speedup", [0.9, 1.4])
 def test_single_channel_lowers_one_sample_on_any_probe(speedup: float):
     """One sample of a single input channel is lowered whatever the probe says."""
-    torch.manual_seed(0)
-    module, x = nn.Conv2d(1, 32, 5, padding=2), torch.randn(1, 1, 28, 28)
-    set_host_probe(False, 1.0, speedup)
-    tensors = _tensors(module, x, "weight_jac_t_mat_prod")
-    tensors["mat"] = torch.randn(10, *module.output.shape)
-    key, reason = Conv2DDerivativesTN().explain(
-        "weight_jac_t_mat_prod", module, **tensors
-    )
+    layer = partial(nn.Conv2d, 1, 32, 5, padding=2)
+    key, reason = _explain_vectors(layer, (1, 1, 28, 28), 10, 1.0, speedup)
     assert key == "tn_lowered", reason
     assert "single input channel" in reason and "host probe" not in reason
 
