@@ -12,7 +12,8 @@ Strategies:
 - ``unfold``: weight VJPs of Conv2d as PyTorch's im2col kernel (``F.unfold``) and
   one batched GEMM (the lowered network elsewhere); other products as ``auto``.
 - ``same_conv`` / ``higher_conv``: stock BackPACK's two convolution-based weight
-  VJPs, kept for comparison (Conv1d/2d/3d and Conv1d/2d only, zero padding).
+  VJPs (Conv1d/2d/3d and Conv1d/2d only, zero padding); on depthwise-like layers
+  ``same_conv`` runs the same convolution without stock's copies.
 
 Every evaluation takes ``(module, spec, **tensors)`` and returns a tensor in
 BackPACK's layout.
@@ -1081,6 +1082,8 @@ def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
     check_stock_strategy(module, spec, strategy)
     if strategy == "same_conv":
         check_same_conv_size(module, x, mat)
+        if spec.in_channels == spec.groups:
+            return _depthwise_same_conv(module, spec, x, mat, sum_batch)
         return _stock_call(module, spec, strategy, x, mat, sum_batch)
     vectors, samples = mat.shape[:2]
     channels = spec.in_channels // spec.groups
@@ -1103,6 +1106,80 @@ def _stock_weight_jac_t_mat_prod(module, spec, strategy, x, mat, sum_batch):
         else:
             result[vs, ns] = part
     return result
+
+
+#: On CPU, the same-order convolution of depthwise-like layers runs in blocks of
+#: vectors whose copies of the input take at most this many bytes (see
+#: ``_depthwise_same_conv``).
+DEPTHWISE_SAME_CONV_BLOCK_BYTES = 2**22
+
+
+def _depthwise_same_conv(module, spec, x, mat, sum_batch):
+    """Stock BackPACK's same-order convolution on depthwise-like layers, leaner.
+
+    With one input channel per group, each (sample, group, vector) triple is a group
+    of one convolution whose input channel is the layer's and whose kernel is the
+    vector. Stock BackPACK copies the input once per vector and the vectors once
+    more. Here one vector's input is a view, and several vectors run in blocks
+    whose copies of the input take at most ``DEPTHWISE_SAME_CONV_BLOCK_BYTES`` on
+    CPU. Grouping the vectors of a (sample, group) pair as output channels of one
+    group instead avoids the copies, but oneDNN's kernel for it took 2-2.6x the time
+    (ConvNeXt's depthwise 7x7 layers, V = 10).
+
+    Args:
+        module: The convolution (``in_channels == groups``, even zero padding).
+        spec: Its description.
+        x: Layer input of shape ``[N, C_in, *I]``.
+        mat: Vectors of shape ``[V, N, C_out, *O]``.
+        sum_batch: Whether to sum over the samples.
+
+    Returns:
+        The weight VJPs of shape ``[V, (N,) C_out, 1, *K]``.
+    """
+    vectors, samples = mat.shape[:2]
+    step = vectors
+    if not mat.is_cuda:
+        padded = math.prod(p.padded_size for p in spec.patterns)
+        one = samples * spec.in_channels * padded * mat.element_size()
+        step = _even(vectors, max(1, DEPTHWISE_SAME_CONV_BLOCK_BYTES // one))
+    if step == vectors:
+        return _depthwise_same_conv_block(module, spec, x, mat, sum_batch)
+    blocks = [
+        _depthwise_same_conv_block(module, spec, x, mat[v : v + step], sum_batch)
+        for v in range(0, vectors, step)
+    ]
+    return torch.cat(blocks)
+
+
+def _depthwise_same_conv_block(module, spec, x, mat, sum_batch):
+    """One call of ``_depthwise_same_conv``'s convolution, for all of ``mat``.
+
+    Returns:
+        The weight VJPs of shape ``[V, (N,) C_out, 1, *K]``.
+    """
+    vectors, samples, out_channels, *positions = mat.shape
+    groups, dims = spec.groups, len(positions)
+    multiplier = out_channels // groups
+    # kernel [(n, g, v, m), 1, *O]; a view for one vector
+    kernel = mat.unflatten(2, (groups, multiplier))
+    kernel = kernel.permute(1, 2, 0, 3, *range(4, 4 + dims))
+    kernel = kernel.reshape(samples * groups * vectors * multiplier, 1, *positions)
+    inputs = x.unsqueeze(2).expand(samples, groups, vectors, *x.shape[2:])
+    result = _CONV[dims](
+        inputs.reshape(1, samples * groups * vectors, *x.shape[2:]),
+        kernel,
+        stride=module.dilation,
+        padding=tuple(p.padding[0] for p in spec.patterns),
+        dilation=module.stride,
+        groups=samples * groups * vectors,
+    )
+    for d, size in enumerate(spec.kernel_size):
+        result = result.narrow(2 + d, 0, size)
+    result = result.view(samples, groups, vectors, multiplier, *spec.kernel_size)
+    result = result.movedim(2, 0).reshape(
+        vectors, samples, out_channels, 1, *spec.kernel_size
+    )
+    return result.sum(1) if sum_batch else result
 
 
 def _stock_call(module, spec, strategy, x, mat, sum_batch):

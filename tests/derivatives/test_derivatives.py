@@ -415,6 +415,39 @@ def test_squared_vjps_in_blocks(
     assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
 
 
+def test_depthwise_same_conv_in_vector_blocks(layer_problem: Problem, monkeypatch):
+    """The same-order convolution of depthwise-like layers runs one vector a block.
+
+    Args:
+        layer_problem: Layer problem.
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    reason = weight_vjp_unsupported(module, "same_conv")
+    if reason is not None or getattr(module, "groups", 0) != x.shape[1]:
+        skip(reason or "not depthwise-like")
+    mat = _randn(3, *module.output.shape, like=x)
+    calls = []
+    block = implementations._depthwise_same_conv_block
+
+    def counted(*args):
+        calls.append(args[3].shape[0])
+        return block(*args)
+
+    monkeypatch.setattr(implementations, "DEPTHWISE_SAME_CONV_BLOCK_BYTES", 1)
+    monkeypatch.setattr(implementations, "_depthwise_same_conv_block", counted)
+    derivatives = _tn_derivatives(layer_problem, "same_conv")
+    for sum_batch in SUM_BATCH:
+        calls.clear()
+        expected = references.weight_jac_t_mat_prod(module, x, mat, sum_batch)
+        result = derivatives.param_mjp(
+            "weight", module, None, None, mat, sum_batch=sum_batch
+        )
+        name = f"param_mjp('weight', sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+        assert calls == ([3] if x.is_cuda else [1, 1, 1])
+
+
 @mark.parametrize("strategy", ["tn_lowered", "unfold"])
 def test_unfolding_vjps_one_sample_per_block(
     layer_problem: Problem, strategy: str, monkeypatch
