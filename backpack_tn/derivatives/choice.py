@@ -90,7 +90,6 @@ from backpack_tn.derivatives.implementations import (
     lag_zeros,
     prepare,
     sample_vector_bytes,
-    unfolded_sample_bytes,
 )
 from backpack_tn.engine import lag_gram
 from backpack_tn.engine.gram import num_blocks
@@ -367,10 +366,11 @@ DEPTHWISE_LOWERED_POSITIONS = (64, 1024)
 #: MobileNetV2's depthwise 3x3 layers outside ``DEPTHWISE_LOWERED_POSITIONS`` took
 #: 0.38-0.86x of the kernel route's time at N = 1 and 4 (96x112x112 stride 2: 0.39x,
 #: 32x112x112 0.41-0.46x, 960x7x7 0.61-0.72x), 0.96-1.10x inside that range; on the
-#: AMD hosts the kernel route won from 3136 positions on. Only where one sample's
-#: unfolded input fits ``UNFOLDED_BLOCK_BYTES``: the lowered network blocks samples,
-#: not groups, and held 1.1-1.5x the leanest reference's peak on the 112x112 and
-#: 56x56 maps (96x112x112 stride 2: 14.9 against 10.2 MiB; the kernel route 5.6).
+#: AMD hosts the kernel route won from 3136 positions on. The lowered network's
+#: blocks split the groups of large maps (``UNFOLDED_GROUPED_BLOCK_BYTES``): on the
+#: 96x112x112 stride-2 layer at N = 1 it held 1.3 MiB, against 10.2 MiB for the
+#: leanest reference and 5.4 MiB for the kernel route (in blocks of samples only:
+#: 14.9 MiB).
 DEPTHWISE_LOWERED_MARGIN = 1.15
 #: Non-overlapping layers with at most this many weight entries per output channel
 #: (``C_in / G * prod(K)``) take the kernel route for several vectors of several
@@ -636,15 +636,14 @@ def _depthwise_rule(
     """
     size = prod(spec.kernel_size)
     if vectors > 1 and spec.groups > 1 and len(spec.patterns) == 2:
-        unfolded = unfolded_sample_bytes(spec, tensors["mat"].element_size())
-        if size <= SMALL_KERNEL and unfolded <= UNFOLDED_BLOCK_BYTES:
+        if size <= SMALL_KERNEL:
             speedup = host.depthwise_lowered_speedup()
             if speedup > DEPTHWISE_LOWERED_MARGIN:
                 return "tn_lowered", (
-                    f"depthwise with a {'x'.join(map(str, spec.kernel_size))} kernel,"
-                    f" {vectors} vectors, {unfolded / 2**20:.1f} MiB of unfolded input"
-                    f" per sample: on this host {_LOWERED_GEMM} ran {speedup:.2f}x as"
-                    " fast as the convolution kernel's weight gradient (host probe)"
+                    f"depthwise with a {'x'.join(map(str, spec.kernel_size))} kernel"
+                    f" and {vectors} vectors: on this host {_LOWERED_GEMM} ran"
+                    f" {speedup:.2f}x as fast as the convolution kernel's weight"
+                    " gradient (host probe); its blocks split the groups of large maps"
                 )
         low, high = DEPTHWISE_LOWERED_POSITIONS
         if size <= SMALL_KERNEL and low < spec.num_positions < high:

@@ -461,7 +461,8 @@ def test_unfolding_vjps_one_sample_per_block(
     """
     module, x = layer_problem.module, layer_problem.x
     mat = _randn(3, *module.output.shape, like=x)
-    monkeypatch.setattr(implementations, "UNFOLDED_BLOCK_BYTES", 1)
+    for bound in ("UNFOLDED_BLOCK_BYTES", "UNFOLDED_GROUPED_BLOCK_BYTES"):
+        monkeypatch.setattr(implementations, bound, 1)
     spec = spec_of(module, x.shape, module.output.shape)
     key = f"{strategy}+square"
     blocks = list(implementations._vjp_blocks(spec, mat, key))
@@ -470,6 +471,54 @@ def test_unfolding_vjps_one_sample_per_block(
     vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
     derivatives = _tn_derivatives(layer_problem, strategy)
     _check_ggn_diagonals(layer_problem, derivatives, mat, vjps)
+
+
+#: Groups per block of unfolded VJPs (their bound, in groups' unfolded inputs).
+GROUP_BLOCKS = [1, 2]
+
+
+@mark.parametrize("per_block", GROUP_BLOCKS, ids=lambda g: f"groups_per_block={g}")
+@mark.parametrize("strategy", ["tn_lowered", "unfold"])
+def test_unfolding_vjps_in_group_blocks(
+    layer_problem: Problem, strategy: str, per_block: int, monkeypatch
+):
+    """Squared VJPs that unfold the input add up the same over blocks of groups.
+
+    Args:
+        layer_problem: Layer problem.
+        strategy: A strategy whose per-sample VJPs copy the unfolded input.
+        per_block: Groups per block (the last block may hold fewer).
+        monkeypatch: Pytest's monkeypatch fixture.
+    """
+    module, x = layer_problem.module, layer_problem.x
+    if getattr(module, "groups", 1) == 1:
+        skip("ungrouped")
+    mat = _randn(3, *module.output.shape, like=x)
+    spec = spec_of(module, x.shape, module.output.shape)
+    one_group = implementations.unfolded_sample_bytes(spec, x.element_size())
+    one_group //= module.groups
+    bound = per_block * one_group
+    monkeypatch.setattr(implementations, "UNFOLDED_GROUPED_BLOCK_BYTES", bound)
+    key = f"{strategy}+square"
+    blocks = implementations._group_blocks(spec, mat, key)
+    sizes = [sub.groups for sub, _, _ in blocks]
+    expected = [module.groups]
+    if not x.is_cuda and per_block < module.groups:
+        expected = [per_block] * (module.groups // per_block)
+        expected += [module.groups % per_block] if module.groups % per_block else []
+    assert sizes == expected, sizes
+    vjps = references.weight_jac_t_mat_prod(module, x, mat, sum_batch=False)
+    squares = vjps.square()
+    evaluations = implementations.IMPLEMENTATIONS
+    for sum_batch in SUM_BATCH:
+        ggn = evaluations["weight_diag_ggn"][key]
+        result = ggn(module, spec, key, x, mat, sum_batch)
+        expected = squares.sum((0, 1) if sum_batch else 0)
+        name = f"weight_diag_ggn(sum_batch={sum_batch})"
+        assert_allclose_report(result, expected, name=name, **layer_problem.tols)
+    result = evaluations["weight_batch_l2"][key](module, spec, key, x, mat)
+    expected = squares.flatten(2).sum((0, 2))
+    assert_allclose_report(result, expected, name="batch_l2", **layer_problem.tols)
 
 
 #: (vectors, samples, copied-vector budget in samples, expected samples per block)
