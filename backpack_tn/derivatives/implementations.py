@@ -659,10 +659,16 @@ KERNEL_BLOCK_BYTES = 2**21
 #: layout and reorders them, so a call held about twice its VJPs on top of the
 #: result: per-sample gradients of AlexNet's 192x13x13 -> 384 3x3 layer at N = 4 (10
 #: MiB of VJPs) peaked at 30 MiB, against 15 MiB for unfolding and one GEMM; with
-#: this bound 15 MiB, at the same speed (ResNet18's 512x7x7 layer: 0.54x the time).
+#: a bound of 4 MiB 15 MiB, at the same speed (ResNet18's 512x7x7 layer: 0.54x the
+#: time).
 #: The higher-order convolution holds twice its VJPs as well (21 MiB on that layer),
 #: but blocks of one sample cost it 1.15-1.2x the time, so it runs unbounded.
-KERNEL_VJP_BLOCK_BYTES = 4 * 2**20
+#: Blocks of 2 MiB instead of 4 MiB took Inception's 7x1 and 1x7 layers from
+#: 1.35-1.37x the leanest reference's peak to 0.89-0.9x (per-sample gradients,
+#: N = 4), at 0.97x the time over the 40 kernel-route cells of ResNet18 and AlexNet
+#: (per-sample gradients and GGN diagonals; single cells 0.42-1.33x, within the
+#: noise of one run; 2-core AMD EPYC).
+KERNEL_VJP_BLOCK_BYTES = 2**21
 
 
 def _bound_kernel_vjps(
