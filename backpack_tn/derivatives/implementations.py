@@ -659,8 +659,8 @@ KERNEL_BLOCK_BYTES = 2**21
 #: layout and reorders them, so a call held about twice its VJPs on top of the
 #: result: per-sample gradients of AlexNet's 192x13x13 -> 384 3x3 layer at N = 4 (10
 #: MiB of VJPs) peaked at 30 MiB, against 15 MiB for unfolding and one GEMM; with
-#: a bound of 4 MiB 15 MiB, at the same speed (ResNet18's 512x7x7 layer: 0.54x the
-#: time).
+#: a bound of 4 MiB it peaked at 15 MiB, at the same speed (ResNet18's 512x7x7
+#: layer: 0.54x the time).
 #: The higher-order convolution holds twice its VJPs as well (21 MiB on that layer),
 #: but blocks of one sample cost it 1.15-1.2x the time, so it runs unbounded.
 #: Blocks of 2 MiB instead of 4 MiB took Inception's 7x1 and 1x7 layers from
