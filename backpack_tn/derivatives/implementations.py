@@ -903,7 +903,7 @@ def _vjp_blocks(
 
     The bound is ``VJP_BLOCK_BYTES``, or ``VJP_BLOCK_BYTES_GPU`` for CUDA tensors.
     For the evaluations in ``UNFOLDING_VJPS`` on CPU, a block's samples' unfolded
-    inputs also stay within ``UNFOLDED_BLOCK_BYTES`` (at least one sample), and so
+    inputs also stay within ``unfolded_bound`` (at least one sample), and so
     do the vectors that a block of several of them copies sample-major (a
     4x112x112 5x5 stride-2 layer, GGN diagonal at N = 4, V = 10: 36 MiB in one
     block of all samples against 10 MiB for the leanest reference); on CUDA, where
@@ -914,7 +914,8 @@ def _vjp_blocks(
         mat: Vectors of shape ``[V, N, *output_shape[1:]]``.
         strategy: The evaluation of the VJPs.
         unfolded_bound: The bound on unfolded inputs; default
-            ``unfolded_block_bytes(spec)``.
+            ``unfolded_block_bytes(spec)``. Blocks of groups pass their layer's, as
+            a block of one group is an ungrouped spec.
 
     Yields:
         ``(vectors, samples)`` slices, samples in the outer loop.
@@ -1011,12 +1012,13 @@ def _squares_in_blocks(module, spec, strategy, x, mat, dims, per_sample):
         return _squares_of_groups(
             module, spec, strategy, x, mat, dims, per_sample, bound
         )
+    entries_summed = 2 in dims(3)  # [V, N, entries]: then the blocks add up
     total = None
     for sub, ins, outs in groups:
         part = _squares_of_groups(
             module, sub, strategy, x[:, ins], mat[:, :, outs], dims, per_sample, bound
         )
-        if 2 in dims(3):  # the weight's entries are summed: the blocks add up
+        if entries_summed:
             total = part if total is None else total.add_(part)
             continue
         leading = (x.shape[0],) if per_sample else ()
